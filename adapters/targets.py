@@ -1,0 +1,181 @@
+"""LoRA target presets resolved to anchored regexes, and the match report printed before training.
+
+Bare leaf names are ambiguous in CogVLM (user-pains D3, style guide §9.8): `gate_proj` matches the
+language MLP, the vision MLP *and* the vision adapter's GLU; `dense` matches the vision tower. Every
+preset here is a `re.fullmatch` pattern anchored at `model.layers.N.` or `model.vision.`, and the
+union is handed to peft as one string (peft full-matches a string `target_modules`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterable
+
+_LAYER = r"model\.layers\.\d+\."
+
+# preset -> anchored pattern (re.fullmatch against the module's dotted name)
+PRESETS: dict[str, str] = {
+    "language_expert_attn": _LAYER + r"self_attn\.language_expert_(?:query_key_value|dense)",
+    "vision_expert_attn": _LAYER + r"self_attn\.vision_expert_(?:query_key_value|dense)",
+    "language_expert_mlp": _LAYER + r"mlp\.language_mlp\.(?:gate|up|down)_proj",
+    "vision_expert_mlp": _LAYER + r"mlp\.vision_mlp\.(?:gate|up|down)_proj",
+    "vision_tower": r"model\.vision\.transformer\.layers\.\d+\.(?:attention\.(?:query_key_value|dense)|mlp\.fc[12])",
+    "glu_adapter": r"model\.vision\.linear_proj\.(?:linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
+}
+# Shorthands that expand to several presets.
+GROUPS: dict[str, list[str]] = {
+    "language_expert": ["language_expert_attn", "language_expert_mlp"],
+    "vision_expert": ["vision_expert_attn", "vision_expert_mlp"],
+    "experts": ["language_expert_attn", "language_expert_mlp", "vision_expert_attn", "vision_expert_mlp"],
+}
+# modules_to_save presets: trained fully and saved with the adapter. Full dotted names, because
+# peft matches modules_to_save by suffix and `linear_proj` alone would also hit the GLU's inner linear.
+SAVE_PRESETS: dict[str, str] = {
+    "glu_adapter": "model.vision.linear_proj",
+    "embed_tokens": "model.embed_tokens",
+    "lm_head": "lm_head",
+}
+
+# Components for the parameter table, first match wins.
+COMPONENTS: list[tuple[str, str]] = [
+    ("language expert attn", PRESETS["language_expert_attn"]),
+    ("language expert mlp", PRESETS["language_expert_mlp"]),
+    ("vision expert attn", PRESETS["vision_expert_attn"]),
+    ("vision expert mlp", PRESETS["vision_expert_mlp"]),
+    ("vision tower", r"model\.vision\.(?:transformer|patch_embedding)\..*"),
+    ("vision adapter (conv, GLU, boi/eoi)", r"model\.vision\.(?:conv|linear_proj|boi|eoi).*"),
+    ("embeddings + lm_head", r"(?:model\.embed_tokens|lm_head)\..*"),
+    ("norms", r"model\.(?:layers\.\d+\.\w+_layernorm|norm)\..*"),
+]
+
+
+def expand(targets: Iterable[str]) -> list[str]:
+    """Group names -> preset names; presets and regexes pass through (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for t in targets:
+        for name in GROUPS.get(t, [t]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def target_pattern(target: str) -> str:
+    """A preset's pattern, or the user's own regex (checked to compile)."""
+    if target in PRESETS:
+        return PRESETS[target]
+    try:
+        re.compile(target)
+    except re.error as err:
+        raise ValueError(f"lora.targets: {target!r} is neither a preset ({', '.join(PRESETS)}) "
+                         f"nor a valid regex: {err}") from None
+    return target
+
+
+def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
+                    linear_names: Iterable[str] | None = None) -> tuple[str, dict[str, list[str]]]:
+    """(combined fullmatch regex for peft, target -> matched module names). Zero matches is an error.
+
+    `linear_names` (defaults to all names) restricts matches to modules LoRA can wrap.
+    """
+    names = list(module_names)
+    candidates = list(linear_names) if linear_names is not None else names
+    matches: dict[str, list[str]] = {}
+    problems = []
+    for target in expand(targets):
+        pattern = target_pattern(target)
+        hit = [n for n in candidates if re.fullmatch(pattern, n)]
+        matches[target] = hit
+        if not hit:
+            near = difflib.get_close_matches(target, candidates, n=5, cutoff=0.0)
+            kind = "preset" if target in PRESETS else "regex"
+            problems.append(f"lora.targets: {kind} {target!r} matches no module of this model; nearest module "
+                            f"names: {', '.join(near)}. Presets: {', '.join([*PRESETS, *GROUPS])}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    combined = "|".join(f"(?:{target_pattern(t)})" for t in matches)
+    return combined, matches
+
+
+def resolve_modules_to_save(names: Iterable[str]) -> list[str]:
+    return [SAVE_PRESETS.get(n, n) for n in names]
+
+
+def component_of(param_name: str) -> str:
+    for label, pattern in COMPONENTS:
+        if re.fullmatch(pattern, param_name) or re.fullmatch(pattern, param_name.rsplit(".", 1)[0]):
+            return label
+    return "other"
+
+
+def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iterable[str] = ()) -> str:
+    """Per-component table of frozen base parameters and the trainable parameters the adapter adds.
+
+    Works on a meta-device model: only shapes are read.
+    """
+    import torch.nn as nn
+
+    matched = set(matched)
+    save = list(modules_to_save)
+    rows: dict[str, list[int]] = {}  # label -> [base params, lora params, fully trained params, lora modules]
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        label = component_of(name)
+        row = rows.setdefault(label, [0, 0, 0, 0])
+        owner = name.rsplit(".", 1)[0]
+        if any(owner == s or owner.startswith(s + ".") or name == s for s in save):
+            row[2] += p.numel()
+        else:
+            row[0] += p.numel()
+    for name in matched:
+        mod = modules[name]
+        if isinstance(mod, nn.Linear) or hasattr(mod, "in_features"):
+            row = rows.setdefault(component_of(name + ".weight"), [0, 0, 0, 0])
+            row[1] += r * (mod.in_features + mod.out_features)
+            row[3] += 1
+    lines = [f"{'component':<38}{'frozen':>16}{'LoRA modules':>14}{'LoRA params':>14}{'full-trained':>14}"]
+    tot = [0, 0, 0, 0]
+    for label, (base, lora, full, n) in rows.items():
+        lines.append(f"{label:<38}{base:>16,}{n:>14,}{lora:>14,}{full:>14,}")
+        tot = [a + b for a, b in zip(tot, (base, lora, full, n))]
+    lines.append(f"{'total':<38}{tot[0]:>16,}{tot[3]:>14,}{tot[1]:>14,}{tot[2]:>14,}")
+    trainable = tot[1] + tot[2]
+    lines.append(f"trainable: {trainable:,} of {tot[0] + trainable:,} ({100 * trainable / max(1, tot[0] + trainable):.3f}%)")
+    return "\n".join(lines)
+
+
+def match_report(matches: dict[str, list[str]]) -> str:
+    """One line per target: how many modules, and an example name."""
+    lines = []
+    for target, hit in matches.items():
+        example = hit[0] if hit else "-"
+        lines.append(f"  {target:<24} {len(hit):>5} modules   e.g. {example}")
+    return "\n".join(lines)
+
+
+def linear_module_names(model) -> list[str]:
+    import torch.nn as nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit"
+            or type(m).__name__ == "Linear8bitLt"]
+
+
+def main(argv: list[str]) -> int:
+    """`cogtune targets RECIPE [k=v ...]`: matched modules and parameter table, on a meta-device model."""
+    from finetune.config import parse_recipe_args
+
+    _, cfg = parse_recipe_args(argv, "cogtune targets", "show what a recipe's LoRA targets match")
+    from finetune.loading import build_meta_model
+
+    model = build_meta_model(cfg.model.checkpoint_dir)
+    try:
+        _, matches = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
+                                     linear_module_names(model))
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(match_report(matches))
+    matched = [n for hit in matches.values() for n in hit]
+    print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save)))
+    return 0
