@@ -1,0 +1,467 @@
+"""The one canonical data format: JSONL, one conversation a line (see data_formats/README.md).
+
+Everything that reads user data goes through `validate_rows`, which collects every problem of every
+row before anything fails (style guide §9.13): users fix a file in one pass instead of one error per
+run (user-pains C1). `read_jsonl` is the cheap structural pass used by training and prediction;
+`validate_rows(check_images=True)` also decodes every image. No torch here: plain Python + PIL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import urllib.parse
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from data_formats.boxes import BOX_FORMATS, check_box, format_boxes, parse_boxes, to_cog
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+IMAGE_MARKER = "<image>"
+BOX_MARKER = "<box>"
+# 64 Mpx: far above any training resolution (CogVLM2 uses 1344^2 = 1.8 Mpx), far below what would
+# exhaust RAM while decoding. PIL's own global limit is left untouched for other code.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+# Names other formats use, mapped to the converter that reads them (used in hints).
+_FOREIGN_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "observation": ""}
+
+
+class ImageError(ValueError):
+    """An image reference that cannot be turned into an RGB picture (missing, corrupt, too large)."""
+
+
+@dataclass
+class Message:
+    """One turn; `content` is plain text, `<image>` / `<box>` markers included."""
+
+    role: Role
+    content: str
+
+
+@dataclass
+class Conversation:
+    """A validated row. `images` are absolute paths or `data:` URLs, in `<image>` marker order."""
+
+    id: str
+    images: list[str]
+    messages: list[Message]
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical row for this conversation (what `cogtune convert` writes)."""
+        return {"id": self.id, "images": list(self.images),
+                "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+
+
+@dataclass
+class Problem:
+    """One thing wrong with one row; `str()` gives `file:line: field: message; hint`."""
+
+    source: str
+    field: str
+    message: str
+    hint: str = ""
+    level: Literal["error", "warning"] = "error"
+    kind: str = ""  # short stable tag for counting ("missing image", "bad json", ...)
+
+    def __str__(self) -> str:
+        msg = f"warning: {self.message}" if self.level == "warning" else self.message
+        return f"{self.source}: {self.field}: {msg}" + (f"; {self.hint}" if self.hint else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_bytes(ref: str) -> io.BytesIO | str:
+    """A file path, or the decoded bytes of a `data:` URL, for PIL to open."""
+    if not ref.startswith("data:"):
+        return ref
+    header, sep, payload = ref[5:].partition(",")
+    if not sep:
+        raise ImageError("data URL has no ',' separating the header from the data")
+    try:
+        raw = base64.b64decode(payload, validate=False) if header.endswith(";base64") else \
+            urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"data URL is not valid base64 ({exc})") from None
+    return io.BytesIO(raw)
+
+
+def _describe(ref: str) -> str:
+    return ref if not ref.startswith("data:") else ref[:40] + "..."
+
+
+def image_size(ref: str) -> tuple[int, int]:
+    """(width, height) read from the header only (no decode), for box conversion."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(_open_bytes(ref)) as im:
+                return im.size
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {_describe(ref)}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"cannot read image {_describe(ref)}: {exc}") from None
+
+
+def load_image(ref: str) -> Image.Image:
+    """Decode `ref` (path or `data:` URL) into an RGB image; any failure is an `ImageError`.
+
+    Transparent images are composited on white: dropping alpha would show the (often black) colour
+    under transparent pixels, which the model never saw in pretraining.
+    """
+    what = _describe(ref)
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) between its two limits; treat both as errors.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(_open_bytes(ref))
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image {what} is {w}x{h} = {w * h} pixels, above the {MAX_IMAGE_PIXELS} limit "
+                                 "(possible decompression bomb)")
+            im.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {what}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image {what} is too large (possible decompression bomb): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # UnidentifiedImageError is an OSError
+        raise ImageError(f"cannot decode image {what}: {exc}") from None
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def resolve_image_ref(ref: str, base_dir: Path) -> str:
+    """Absolute path (relative refs are relative to `base_dir`), or the `data:` URL unchanged."""
+    if ref.startswith("data:"):
+        return ref
+    if ref.startswith("file://"):
+        ref = urllib.parse.unquote(ref[7:])
+    path = Path(os.path.expanduser(ref))
+    if not path.is_absolute():
+        path = base_dir / path
+    return str(path.resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+class _Row:
+    """Collects the problems of one row."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def error(self, fld: str, message: str, hint: str = "", kind: str = "") -> None:
+        self.problems.append(Problem(self.source, fld, message, hint, "error", kind or message))
+
+    def warn(self, fld: str, message: str, hint: str = "", kind: str = "") -> None:
+        self.problems.append(Problem(self.source, fld, message, hint, "warning", kind or message))
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.level == "error" for p in self.problems)
+
+
+def _check_messages(row: _Row, raw: Any, require_answer: bool) -> list[Message]:
+    if raw is None:
+        row.error("messages", "missing", "every row needs a 'messages' list of {role, content}", "missing messages")
+        return []
+    if not isinstance(raw, list) or not raw:
+        row.error("messages", f"expected a non-empty list, got {type(raw).__name__}",
+                  "write [{\"role\": \"user\", \"content\": ...}, {\"role\": \"assistant\", ...}]", "bad messages")
+        return []
+    messages: list[Message] = []
+    for i, m in enumerate(raw):
+        fld = f"messages[{i}]"
+        if not isinstance(m, dict):
+            row.error(fld, f"expected an object with role and content, got {type(m).__name__}", "", "bad message")
+            continue
+        role, content = m.get("role"), m.get("content")
+        if role is None and "from" in m:
+            row.error(f"{fld}.role", "missing ('from'/'value' keys are ShareGPT/LLaVA style)",
+                      "convert the file with `cogtune convert --from sharegpt` (or --from llava)", "unknown role")
+            continue
+        if role is None:
+            row.error(f"{fld}.role", "missing", "use one of: system, user, assistant", "missing role")
+            continue
+        if role not in ROLES:
+            mapped = _FOREIGN_ROLES.get(str(role))
+            hint = (f"use '{mapped}' (or convert with `cogtune convert --from sharegpt`)" if mapped
+                    else "use one of: system, user, assistant")
+            row.error(f"{fld}.role", f"is {role!r}; expected system, user or assistant", hint, "unknown role")
+            continue
+        if isinstance(content, list):
+            row.error(f"{fld}.content", "is a list of content blocks (OpenAI style); expected a string",
+                      "convert the file with `cogtune convert --from openai`", "non-string content")
+            continue
+        if not isinstance(content, str):
+            what = "missing" if content is None else f"is {type(content).__name__}; expected a string"
+            row.error(f"{fld}.content", what, "put the turn's text in 'content' as a string", "non-string content")
+            continue
+        if role != "user" and IMAGE_MARKER in content:
+            row.error(f"{fld}.content", f"{role} turn contains '{IMAGE_MARKER}'",
+                      "images can only be placed in user turns", "image marker outside user turn")
+        messages.append(Message(role, content))
+    if not row.ok:
+        return messages
+
+    # Order: optional system first, then user/assistant alternating, starting with user.
+    expected = "user"
+    for i, m in enumerate(messages):
+        fld = f"messages[{i}].role"
+        if m.role == "system":
+            if i != 0:
+                row.error(fld, "system turn is not the first message",
+                          "move it to the start (one system prompt per conversation)", "misplaced system turn")
+            continue
+        if m.role != expected:
+            if i == 0 or (i == 1 and messages[0].role == "system"):
+                row.error(fld, "conversation starts with an assistant turn",
+                          "the first non-system turn must be 'user'", "roles not alternating")
+            else:
+                row.error(fld, f"'{m.role}' follows another '{m.role}' turn",
+                          "user and assistant must alternate; merge the two turns or add the missing reply",
+                          "roles not alternating")
+        expected = "assistant" if m.role == "user" else "user"
+    if not row.ok or not require_answer:
+        return messages
+    answers = [i for i, m in enumerate(messages) if m.role == "assistant"]
+    if not answers:
+        row.error("messages", "no assistant turn", "add the answer the model should learn as an assistant turn",
+                  "no assistant turn")
+    else:
+        if messages[-1].role == "user":
+            row.error(f"messages[{len(messages) - 1}]", "last user turn has no answer",
+                      "remove it or add the assistant reply", "unanswered last turn")
+        for i in answers:
+            if not messages[i].content.strip():
+                row.error(f"messages[{i}].content", "assistant turn is empty",
+                          "an empty answer trains the model to stop immediately; fill it in or drop the row",
+                          "empty assistant content")
+    return messages
+
+
+def _check_images(row: _Row, raw: Any, messages: list[Message], base_dir: Path, max_images: int | None,
+                  check_images: bool) -> list[str]:
+    if raw is None:
+        raw = []
+    if isinstance(raw, str):
+        row.error("images", "is a string; expected a list", f"write \"images\": [{json.dumps(raw)}]", "bad images")
+        return []
+    if not isinstance(raw, list):
+        row.error("images", f"is {type(raw).__name__}; expected a list of paths", "", "bad images")
+        return []
+    refs: list[str] = []
+    for i, ref in enumerate(raw):
+        fld = f"images[{i}]"
+        if not isinstance(ref, str) or not ref:
+            row.error(fld, f"is {ref!r}; expected a path or data: URL", "", "bad image ref")
+            continue
+        if ref.startswith(("http://", "https://")):
+            row.error(fld, f"is a web URL ({ref})", "download the image and reference the local file", "web URL")
+            continue
+        resolved = resolve_image_ref(ref, base_dir)
+        refs.append(resolved)
+        if not resolved.startswith("data:") and not os.path.isfile(resolved):
+            row.error(fld, f"image not found: {resolved}",
+                      "paths are relative to the JSONL file's folder unless --image-root is given", "missing image")
+        elif check_images:
+            try:
+                load_image(resolved)
+            except ImageError as exc:
+                row.error(fld, str(exc), "re-export the image as PNG/JPEG or drop the row", "unreadable image")
+    markers = sum(m.content.count(IMAGE_MARKER) for m in messages)
+    if markers and markers != len(raw):
+        row.error("messages", f"{markers} '{IMAGE_MARKER}' marker(s) but {len(raw)} image(s)",
+                  "use one marker per image, or none (images then belong to the first user turn)",
+                  "marker/image count mismatch")
+    if max_images is not None and len(raw) > max_images:
+        row.error("images", f"{len(raw)} images; this model takes at most {max_images} per conversation",
+                  "official CogVLM/CogVLM2/CogAgent checkpoints see one image: split the row, or tile the images "
+                  "into one picture", "too many images")
+    return refs
+
+
+def _render_boxes(row: _Row, obj: dict, messages: list[Message], images: list[str]) -> None:
+    """Replace `<box>` markers with Cog text, in order; check boxes already written as text."""
+    raw, fmt = obj.get("boxes"), obj.get("box_format")
+    markers = sum(m.content.count(BOX_MARKER) for m in messages)
+    if raw is None:
+        if markers:
+            row.error("boxes", f"{markers} '{BOX_MARKER}' marker(s) but no 'boxes' field",
+                      "add \"boxes\": [...] and \"box_format\"", "box count mismatch")
+    elif not isinstance(raw, list):
+        row.error("boxes", f"is {type(raw).__name__}; expected a list", "", "bad boxes")
+    elif fmt not in BOX_FORMATS:
+        row.error("box_format", f"is {fmt!r}" if fmt is not None else "missing",
+                  "say which form the boxes are in: xyxy (pixels), xywh (COCO pixels), norm ([0,1] xyxy) "
+                  "or cog (000-999)", "bad box_format")
+    elif len(raw) != markers:
+        row.error("boxes", f"{len(raw)} box entries but {markers} '{BOX_MARKER}' marker(s)",
+                  "write one <box> in the text per entry of 'boxes'", "box count mismatch")
+    else:
+        size = None
+        if fmt in ("xyxy", "xywh"):
+            if not images:
+                row.error("box_format", f"{fmt} boxes are pixels but the row has no image",
+                          "use norm or cog boxes, or add the image", "box out of range")
+                return
+            if not row.ok:
+                return  # the image itself is already reported
+            try:
+                size = image_size(images[0])
+            except ImageError as exc:
+                row.error("images[0]", str(exc), "", "unreadable image")
+                return
+        texts: list[str] = []
+        for i, entry in enumerate(raw):
+            group = entry if (isinstance(entry, list) and entry and isinstance(entry[0], (list, tuple))) else [entry]
+            cog = []
+            for j, box in enumerate(group):
+                problem = check_box(box, fmt, size)
+                fld = f"boxes[{i}]" + (f"[{j}]" if len(group) > 1 else "")
+                if problem:
+                    row.error(fld, problem, "check box_format and the coordinates", "box out of range")
+                else:
+                    cog.append(to_cog(box, fmt, size))
+            if len(cog) == len(group):
+                texts.append(format_boxes(cog))
+        if row.ok:
+            it = iter(texts)
+            for m in messages:
+                while BOX_MARKER in m.content:
+                    m.content = m.content.replace(BOX_MARKER, next(it), 1)
+    for i, m in enumerate(messages):
+        for group in parse_boxes(m.content):
+            for box in group:
+                if max(box) > 999 or box[0] > box[2] or box[1] > box[3]:
+                    row.error(f"messages[{i}].content", f"box [[{','.join(map(str, box))}]] is invalid",
+                              "Cog boxes are x0,y0,x1,y1 on a 000-999 scale with x0<=x1, y0<=y1; "
+                              "use data_formats.boxes.to_cog to convert pixels", "box out of range")
+
+
+def parse_row(obj: Any, source: str, base_dir: Path, *, default_id: str = "", max_images: int | None = None,
+              check_images: bool = False, require_answer: bool = True) -> tuple[Conversation | None, list[Problem]]:
+    """Check one decoded JSON row; the Conversation is None when the row has any error."""
+    row = _Row(source)
+    if not isinstance(obj, dict):
+        row.error("row", f"is a JSON {type(obj).__name__}; expected an object", "one JSON object per line", "bad row")
+        return None, row.problems
+    if "messages" not in obj:
+        for key, fmt in (("conversations", "llava or sharegpt"), ("query", "swift")):
+            if key in obj:
+                row.error("messages", f"missing (row has '{key}', {fmt} style)",
+                          f"convert the file with `cogtune convert --from {fmt.split()[0]}`", "foreign format")
+                return None, row.problems
+    rid = obj.get("id", default_id)
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid:
+        row.error("id", f"is {rid!r}; expected a non-empty string", "", "bad id")
+    if "image" in obj and "images" not in obj:
+        row.error("image", "single 'image' key; expected 'images' (a list)",
+                  f"write \"images\": [{json.dumps(obj['image'])}]", "bad images")
+    messages = _check_messages(row, obj.get("messages"), require_answer)
+    images = _check_images(row, obj.get("images"), messages, base_dir, max_images, check_images)
+    _render_boxes(row, obj, messages, images)
+    if not row.ok:
+        return None, row.problems
+    return Conversation(str(rid), images, messages, source), row.problems
+
+
+def validate_rows(lines: Iterable[str], *, path: str | Path, image_root: str | Path | None = None,
+                  max_images: int | None = 1, check_images: bool = True,
+                  require_answer: bool = True) -> tuple[list[Conversation], list[Problem]]:
+    """Check every line of a canonical JSONL file; returns the valid rows and every problem found.
+
+    Nothing is raised for bad data: JSON errors, roles, contents, images (existence, and decoding
+    when `check_images`), `<image>` marker counts, the image limit (`max_images`, None = no limit),
+    boxes, missing/empty answers and turn order are all reported, each as its own `Problem`.
+    """
+    path = Path(path)
+    base_dir = Path(image_root) if image_root is not None else path.parent
+    conversations: list[Conversation] = []
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(source, "line", f"not valid JSON ({exc.msg} at column {exc.colno})",
+                                    "each line must be one complete JSON object", "error", "bad json"))
+            continue
+        conv, row_problems = parse_row(obj, source, base_dir, default_id=f"{path.stem}-{lineno}",
+                                       max_images=max_images, check_images=check_images,
+                                       require_answer=require_answer)
+        problems.extend(row_problems)
+        if conv is None:
+            continue
+        if conv.id in seen:
+            problems.append(Problem(source, "id", f"duplicate id {conv.id!r} (first at {seen[conv.id]})",
+                                    "ids should be unique so that predictions can be matched", "warning",
+                                    "duplicate id"))
+        else:
+            seen[conv.id] = source
+        conversations.append(conv)
+    return conversations, problems
+
+
+def read_jsonl(path: str | Path, image_root: str | Path | None = None, *, max_images: int | None = None,
+               check_images: bool = False, require_answer: bool = True) -> tuple[list[Conversation], list[Problem]]:
+    """Read a canonical JSONL file: the valid rows, and every problem (images checked for existence only)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], [Problem(str(path), "file", "not found", "check the path", "error", "missing file")]
+    except UnicodeDecodeError as exc:
+        return [], [Problem(str(path), "file", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            "save the file as UTF-8", "error", "bad encoding")]
+    return validate_rows(text.splitlines(), path=path, image_root=image_root, max_images=max_images,
+                         check_images=check_images, require_answer=require_answer)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows atomically (temp file + os.replace), so an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
+
+
+__all__ = ["Conversation", "IMAGE_MARKER", "BOX_MARKER", "ImageError", "Message", "Problem", "image_size",
+           "load_image", "parse_row", "read_jsonl", "resolve_image_ref", "validate_rows", "write_jsonl"]
