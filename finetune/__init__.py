@@ -1,0 +1,23 @@
+"""cogtune: LoRA/QLoRA fine-tuning for CogVLM-family vision-language models.
+
+`CogVLMConfig` and `CogVLMForCausalLM` are imported lazily so that `import finetune` (and the CLI's
+`--help`) does not pull in torch/transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CogVLMConfig", "CogVLMForCausalLM"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CogVLMConfig":
+        from .configuration_cogvlm import CogVLMConfig
+
+        return CogVLMConfig
+    if name == "CogVLMForCausalLM":
+        from .modeling_cogvlm import CogVLMForCausalLM
+
+        return CogVLMForCausalLM
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -1,0 +1,721 @@
+"""Clean-room CogVLM (v1) and CogVLM2 image models for current transformers.
+
+Written from the architecture spec (`shared/design/architecture.md`, cited as "spec §x"), not from the
+official remote code. Module attribute names equal the official checkpoint keys, so official folders load
+strictly without renaming. Differences from the official code are performance/robustness only:
+
+* SDPA everywhere (decoder and vision tower); padded or packed batches use a boolean mask built once per
+  forward instead of the official fp32 eager path (spec §1.5 says this is equivalent up to bf16 noise).
+* Expert routing gathers each expert's tokens once per forward (indices shared by all layers) instead of
+  re-deriving boolean masks six times per layer (spec §7.3).
+* transformers 5.x `Cache` objects, gradient checkpointing, packed sequences (segment-id attention masks).
+* Padding is respected in generation, and left padding does not shift positions (see `default_position_ids`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_cogvlm import CogVLMConfig
+from .families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from .token_types import build_position_ids, get_expert_mask
+
+# Modules that must never be quantized (bitsandbytes) - everything but the decoder's linears.
+FULL_PRECISION_MODULES = ("model.vision", "lm_head")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small shared pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CogVLMRMSNorm(nn.Module):
+    """RMSNorm that multiplies by the weight in fp32 before casting back (spec §1.2; HF Llama casts first)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(dtype)  # weight promoted to fp32 here (spec §1.2)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the checkpoint's persistent `inv_freq` buffer and turns position ids into cos/sin.
+
+    Spec §7.2 quirk: the position ramp and `t * inv_freq` are computed in the dtype of `inv_freq` (bf16 in a
+    bf16 model, so positions > 256 are rounded), cos/sin then cast to the activation dtype.
+    """
+
+    def __init__(self, dim: int, base: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=True)  # (hd/2,)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        t = position_ids.to(device=inv_freq.device, dtype=inv_freq.dtype)  # (B, L) ramp in inv_freq dtype (§7.2)
+        freqs = t[..., None] * inv_freq  # (B, L, hd/2), still in inv_freq dtype
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, hd) half-split layout
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, L, hd) each
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX half-split rotation: concat(-x2, x1) over the two halves of the head dim (spec §3.4)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin  # x: (B, heads, L, hd)
+
+
+@dataclass
+class ExpertRouting:
+    """Token indices per expert, computed once per forward and reused by every layer (spec §7.3).
+
+    `inv` is None when every token goes to the language expert (text-only input, decode steps).
+    """
+
+    lang_idx: torch.Tensor | None = None  # (N_lang,) flat indices into B*L
+    vis_idx: torch.Tensor | None = None  # (N_vis,)
+    inv: torch.Tensor | None = None  # (B*L,) position of each token in cat([lang, vis])
+
+    @classmethod
+    def from_token_types(cls, token_type_ids: torch.Tensor) -> ExpertRouting:
+        vision = get_expert_mask(token_type_ids).reshape(-1)  # (B*L,) eoi/padding -> language (spec §1.1)
+        vis_idx = vision.nonzero().squeeze(1)  # the one host sync of routing per forward
+        if vis_idx.numel() == 0:
+            return cls()
+        lang_idx = (~vision).nonzero().squeeze(1)
+        inv = torch.empty_like(vision, dtype=torch.long)
+        inv[torch.cat((lang_idx, vis_idx))] = torch.arange(vision.numel(), device=vision.device)
+        return cls(lang_idx, vis_idx, inv)
+
+    def apply(self, x: torch.Tensor, language: nn.Module, vision: nn.Module) -> torch.Tensor:
+        """Run each expert on its own tokens only; x: (B, L, in) -> (B, L, out)."""
+        if self.inv is None:
+            return language(x)
+        b, n = x.shape[:2]
+        flat = x.reshape(b * n, -1)  # (B*L, in)
+        out = torch.cat((language(flat.index_select(0, self.lang_idx)), vision(flat.index_select(0, self.vis_idx))))
+        return out.index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU without bias (spec §1.2)."""
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionExpertMLP(nn.Module):
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        self.language_mlp = MLP(config)
+        self.vision_mlp = MLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        return routing.apply(hidden_states, self.language_mlp, self.vision_mlp)
+
+
+class VisionExpertAttention(nn.Module):
+    """Expert-routed self-attention: fused [Q|K|V] per expert, RoPE, GQA (v2), SDPA (spec §1.2, §4.3)."""
+
+    def __init__(self, config: CogVLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_multi_query_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
+        # Spec §4.2: only CogVLM2's vision-expert QKV has a bias.
+        self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
+        self.vision_expert_dense = nn.Linear(h, h, bias=False)
+        self.language_expert_query_key_value = nn.Linear(h, qkv, bias=False)
+        self.language_expert_dense = nn.Linear(h, h, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        routing: ExpertRouting,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        b, n, _ = hidden_states.shape  # (B, L, H)
+        qkv = routing.apply(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)  # [Q | K | V] blocks, head-major (spec §1.2)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        cos, sin = (t.to(q.device) for t in rope)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:  # cache holds K/V after RoPE, before GQA expansion (spec §1.9)
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nkv, T, hd)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:  # GQA: query head h uses kv head h // rep, i.e. each kv head repeated consecutively (§4.3)
+            t = k.shape[2]
+            k = k[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
+            v = v[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
+        mask = attn_mask.to(q.device) if attn_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, L, hd)
+        out = out.transpose(1, 2).reshape(b, n, q_dim)  # (B, L, H)
+        return routing.apply(out, self.language_expert_dense, self.vision_expert_dense)
+
+
+class CogVLMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm Llama layer with expert-duplicated attention and MLP (spec §1.2)."""
+
+    def __init__(self, config: CogVLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = VisionExpertAttention(config, layer_idx)
+        self.mlp = VisionExpertMLP(config)
+        self.input_layernorm = CogVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = CogVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        routing: ExpertRouting,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states  # (B, L, H)
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), routing, rope, attn_mask, is_causal, past_key_values
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision tower (EVA2-CLIP-E, spec §1.6)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        d, p = vc["hidden_size"], vc["patch_size"]
+        self.proj = nn.Conv2d(vc["in_channels"], d, kernel_size=p, stride=p, bias=True)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, d))  # 2-D (1, D) as in the checkpoint (spec §9.3)
+        self.position_embedding = nn.Embedding(vc["num_positions"], d)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)  # (N, g*g, D) row-major patches
+        cls = self.cls_embedding.to(x.dtype).expand(x.shape[0], -1, -1)  # (N, 1, D)
+        x = torch.cat((cls, x), dim=1)  # (N, g*g+1, D)
+        return x + self.position_embedding.weight.to(x.dtype)[None]  # whole table added (spec §1.6)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        d = vc["hidden_size"]
+        self.num_heads = vc["num_heads"]
+        self.head_dim = d // self.num_heads
+        self.query_key_value = nn.Linear(d, 3 * d, bias=True)
+        self.dense = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape  # (N, T, D)
+        qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (N, heads, T, hd) each
+        # Spec §7.4: official uses xformers (B, L, H, D); SDPA on (B, H, L, D) is the correct equivalent.
+        out = F.scaled_dot_product_attention(q, k, v)  # non-causal, no mask, scale hd^-0.5
+        return self.dense(out.transpose(1, 2).reshape(b, n, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(vc["hidden_size"], vc["intermediate_size"], bias=True)
+        self.fc2 = nn.Linear(vc["intermediate_size"], vc["hidden_size"], bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU (spec §1.6)
+
+
+class TransformerLayer(GradientCheckpointingLayer):
+    """Spec §1.6 quirk: LayerNorm on each branch's *output*; the branch input is the raw residual stream."""
+
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        d, eps = vc["hidden_size"], vc["layer_norm_eps"]
+        self.input_layernorm = nn.LayerNorm(d, eps=eps)
+        self.attention = VisionAttention(vc)
+        self.mlp = VisionMLP(vc)
+        self.post_attention_layernorm = nn.LayerNorm(d, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.input_layernorm(self.attention(hidden_states))
+        return hidden_states + self.post_attention_layernorm(self.mlp(hidden_states))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(vc) for _ in range(vc["num_hidden_layers"]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class GLU(nn.Module):
+    """Adapter vision -> LLM width; no biases; LayerNorm with PyTorch's default eps 1e-5 (spec §1.6)."""
+
+    def __init__(self, config: CogVLMConfig, in_features: int) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.linear_proj = nn.Linear(in_features, h, bias=False)
+        self.norm1 = nn.LayerNorm(h)  # eps 1e-5, not the vision eps
+        self.dense_h_to_4h = nn.Linear(h, i, bias=False)
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.dense_4h_to_h = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.linear_proj(x)))  # (N, P, H)
+        return self.dense_4h_to_h(F.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+
+
+class EVA2CLIPModel(nn.Module):
+    """Images (N, 3, S, S) -> (N, image_tokens, H) including boi/eoi (spec §1.6, §4.4)."""
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__()
+        vc = config.vision_config
+        d = vc["hidden_size"]
+        self.patch_embedding = PatchEmbedding(vc)
+        self.transformer = Transformer(vc)
+        self.linear_proj = GLU(config, in_features=d)
+        if config.cogvlm_version == 2:  # 2x2 stride-2 downsampling, CogVLM2 only (spec §1.6)
+            self.conv = nn.Conv2d(d, d, kernel_size=2, stride=2, bias=True)
+        self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(images)  # (N, g*g+1, D)
+        x = self.transformer(x)
+        x = x[:, 1:]  # drop cls -> (N, g*g, D)
+        if hasattr(self, "conv"):
+            n, p, d = x.shape
+            g = int(p**0.5)
+            x = x.view(n, g, g, d).permute(0, 3, 1, 2)  # (N, D, g, g)
+            x = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)^2, D) row-major
+        x = self.linear_proj(x)  # (N, P, H)
+        boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
+        eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat((boi, x, eoi), dim=1)  # (N, P+2, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks and positions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_packed(attention_mask: torch.Tensor | None) -> bool:
+    """Segment-id masks hold values > 1 (CONTRACTS.md); 0/1 masks are ordinary padding masks."""
+    return attention_mask is not None and attention_mask.dtype != torch.bool and bool((attention_mask > 1).any())
+
+
+def default_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) positions by the official rule (spec §1.3), per segment for packed masks.
+
+    Deliberate deviation (spec §1.3 / §7.6): the official rule gives BOS of a left-padded row position 1,
+    shifting the whole row by +1 compared with the same row unpadded. We subtract each row's (segment's)
+    first real position so that a left-padded batch produces the same positions - and hence the same
+    outputs - as each row alone. Unpadded and right-padded rows are unchanged.
+    """
+    if is_packed(attention_mask):
+        out = torch.zeros_like(token_type_ids)
+        seg = attention_mask.tolist()
+        for b, row in enumerate(seg):
+            start = 0
+            while start < len(row):
+                end = start
+                while end < len(row) and row[end] == row[start]:
+                    end += 1
+                if row[start] != 0:
+                    out[b, start:end] = build_position_ids(token_type_ids[b : b + 1, start:end])[0]
+                start = end
+        return out
+    pos = build_position_ids(token_type_ids, attention_mask)  # (B, L)
+    if attention_mask is None:
+        return pos
+    first = (attention_mask != 0).int().argmax(dim=1, keepdim=True)  # (B, 1) first real token
+    return (pos - pos.gather(1, first)).clamp_min(0)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Return (SDPA mask, is_causal); the mask is (B, 1, L, T) bool, True = may attend.
+
+    No padding and no past -> plain causal SDPA (no mask tensor). Otherwise one boolean mask built once per
+    forward and shared by all layers: causal (offset by the cache length) & key not padding & same segment.
+    Each query may always attend itself so padding rows stay finite (their outputs are never used).
+    """
+    total = past_len + q_len
+    packed = is_packed(attention_mask)
+    if attention_mask is None or (not packed and bool(attention_mask.all())):
+        if past_len == 0:
+            return None, q_len > 1
+        if q_len == 1:
+            return None, False
+        attention_mask = torch.ones(1, total, dtype=torch.long, device=device)
+    am = attention_mask.to(device)  # (B, T)
+    q_pos = torch.arange(past_len, total, device=device)  # (L,)
+    k_pos = torch.arange(total, device=device)  # (T,)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & (am != 0)[:, None, :]  # (B, L, T)
+    if packed:
+        allowed = allowed & (am[:, past_len:, None] == am[:, None, :])
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None], False  # (B, 1, L, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CogVLMPreTrainedModel(PreTrainedModel):
+    config_class = CogVLMConfig
+    config: CogVLMConfig
+    base_model_prefix = "model"  # checkpoint keys start with "model." for the backbone (spec §9.1)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CogVLMDecoderLayer", "TransformerLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+        elif isinstance(module, PatchEmbedding):
+            init.normal_(module.cls_embedding, mean=0.0, std=std)
+        elif isinstance(module, EVA2CLIPModel):
+            init.normal_(module.boi, mean=0.0, std=std)
+            init.normal_(module.eoi, mean=0.0, std=std)
+        else:
+            super()._init_weights(module)
+
+
+class CogVLMModel(CogVLMPreTrainedModel):
+    """Backbone: embeddings + vision tower + expert decoder; output the final-normed hidden states."""
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(CogVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = CogVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.vision = EVA2CLIPModel(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, image_tokens, H), run in the pixel dtype (spec §7.1)."""
+        return self.vision(images)
+
+    @staticmethod
+    def _stack_images(images: Any) -> torch.Tensor | None:
+        if images is None:
+            return None
+        if isinstance(images, torch.Tensor):
+            return images if images.numel() > 0 else None
+        flat = [img for sample in images for img in (sample if isinstance(sample, (list, tuple)) else [sample])]
+        return torch.stack(flat) if flat else None
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, images: Any) -> torch.Tensor:
+        inputs_embeds = self.embed_tokens(input_ids)  # (B, L, H)
+        vision_pos = token_type_ids == VISION_TOKEN_TYPE  # (B, L)
+        n_vision = int(vision_pos.sum())
+        pixels = self._stack_images(images)
+        n_images = 0 if pixels is None else pixels.shape[0]
+        if n_images == 0 and n_vision == 0:
+            return inputs_embeds
+        per_image = self.config.image_tokens
+        if n_vision != n_images * per_image:
+            raise ValueError(
+                f"image span mismatch: token_type_ids mark {n_vision} vision positions, but {n_images} image(s) "
+                f"give {n_images * per_image} features ({per_image} per image = (S/P)^2 [/4 for CogVLM2] + boi + "
+                f"eoi). Every image needs exactly {per_image} consecutive VISION-typed positions."
+            )
+        param = self.vision.patch_embedding.proj.weight
+        feats = self.encode_images(pixels.to(param.device))  # (N, P+2, H)
+        if feats.shape[1] != per_image:
+            raise ValueError(
+                f"image span mismatch: the vision tower produced {feats.shape[1]} features per image, the config "
+                f"expects {per_image}; are the images {self.config.vision_config['image_size']} px?"
+            )
+        feats = feats.reshape(-1, feats.shape[-1]).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        # Row-major (batch-major) order, as the official index_put (spec §1.7).
+        return inputs_embeds.masked_scatter(vision_pos[..., None], feats)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: Any = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids (or inputs_embeds)")
+        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        b, n = ref.shape
+        if token_type_ids is None:
+            token_type_ids = torch.full_like(ref, LANGUAGE_TOKEN_TYPE, dtype=torch.long)
+
+        if inputs_embeds is None:
+            if past_len == 0:
+                inputs_embeds = self._embed(input_ids, token_type_ids, images)  # images only at prefill (§1.7)
+            else:
+                inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            if past_len > 0:
+                raise ValueError(
+                    "position_ids are required when past_key_values is not empty (positions depend on the whole "
+                    "sequence's token types, spec §1.3); generate() supplies them"
+                )
+            position_ids = default_position_ids(token_type_ids, attention_mask)
+
+        routing = ExpertRouting.from_token_types(token_type_ids.to(inputs_embeds.device))
+        # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
+        rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
+        attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
+
+        hidden_states = inputs_embeds  # (B, L, H)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                routing=routing,
+                rope=rope,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                past_key_values=past_key_values,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
+    """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
+
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: CogVLMConfig) -> None:
+        super().__init__(config)
+        self.model = CogVLMModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # not tied (spec §1.8)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, strict: bool = True, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained` with two guarantees.
+
+        * bitsandbytes quantizes only the decoder's linears: the vision tower, adapter, boi/eoi and lm_head
+          are added to `llm_int8_skip_modules` (embeddings are never Linear, so never quantized).
+        * strict: missing or unexpected checkpoint keys raise (transformers only logs them); `strict=False`
+          restores the lenient behaviour.
+        """
+        qc = kwargs.get("quantization_config")
+        if qc is not None and hasattr(qc, "llm_int8_skip_modules"):
+            qc = copy.deepcopy(qc)
+            qc.llm_int8_skip_modules = sorted(set(qc.llm_int8_skip_modules or []) | set(FULL_PRECISION_MODULES))
+            kwargs["quantization_config"] = qc
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if strict and any(bad.values()):
+            details = "; ".join(f"{k}: {v[:8]}{' ...' if len(v) > 8 else ''} ({len(v)})" for k, v in bad.items() if v)
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path} does not match {cls.__name__} exactly: {details}. "
+                "Is it a CogVLM/CogVLM2 image checkpoint with a matching config.json? strict=False loads anyway."
+            )
+        return (model, info) if want_info else model
+
+    # --- forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        images: Any = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None and not self.training
+        outputs = self.model(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            attention_mask=attention_mask,
+            images=images,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, L, H)
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states).float()  # (B, L, V) always fp32 (spec §1.8)
+
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # causal shift (spec §1.8)
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            if num_items_in_batch is not None:  # token-weighted across gradient accumulation
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                if isinstance(num_items_in_batch, torch.Tensor):
+                    num_items_in_batch = num_items_in_batch.to(loss.device)
+                loss = loss / num_items_in_batch
+            else:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    # --- generation hooks ----------------------------------------------------------------------------------
+
+    def _prepare_attention_mask_for_generation(
+        self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """All ones when the caller passed no mask: image placeholders use the pad id (spec §6.3), so the
+        default "infer from pad tokens" rule would mask the image. Pass `attention_mask` for padded batches."""
+        return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        images: Any = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Positions are rebuilt over the whole sequence each step and the new ones kept (spec §1.9)."""
+        if inputs_embeds is not None:
+            raise ValueError("CogVLM generation takes input_ids + token_type_ids (+ images), not inputs_embeds")
+        if token_type_ids is None:
+            token_type_ids = torch.full_like(input_ids, LANGUAGE_TOKEN_TYPE)
+        if position_ids is None:
+            position_ids = default_position_ids(token_type_ids, attention_mask)
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        n = next_sequence_length if next_sequence_length is not None else input_ids.shape[1]
+        if past_len == 0:
+            n = input_ids.shape[1]
+        model_inputs: dict[str, Any] = {
+            "input_ids": input_ids[:, -n:],
+            "token_type_ids": token_type_ids[:, -n:],
+            "position_ids": position_ids[:, -n:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "images": images if past_len == 0 else None,  # images only at prefill (spec §1.7)
+        }
+        for key, value in kwargs.items():
+            if key not in model_inputs and key not in ("labels", "cache_position"):
+                model_inputs[key] = value
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: Any, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        """Like the default, but new tokens are typed LANGUAGE (spec §1.9), not a copy of the last type."""
+        token_type_ids = model_kwargs.pop("token_type_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if token_type_ids is not None:
+            new = token_type_ids.new_full((token_type_ids.shape[0], num_new_tokens), LANGUAGE_TOKEN_TYPE)
+            model_kwargs["token_type_ids"] = torch.cat((token_type_ids, new), dim=-1)
+        return model_kwargs
+
+
+__all__ = ["CogVLMPreTrainedModel", "CogVLMModel", "CogVLMForCausalLM"]
