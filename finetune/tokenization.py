@@ -70,7 +70,10 @@ def _corpus() -> list[str]:
         lines.append(f"Question: What color is the {shape}? Answer: The {shape} is {colour}.")
         lines.append(f"There is a {size} {colour} {shape} on the {place}. I count {num} ({i}) of them.")
         lines.append(f"{colour.capitalize()} {shape}s: {num}. Is it {size}? Yes, it is {size}.")
-    lines.append(" ".join(_COLOURS + _SHAPES + _PLACES + _SIZES + _NUMBERS))
+    words = _COLOURS + _SHAPES + _PLACES + _SIZES + _NUMBERS
+    lines.append(" ".join(words))
+    # Answers are tokenized on their own (no leading space, spec §6.4): teach the bare words too.
+    lines.extend(words)
     return lines
 
 
