@@ -90,8 +90,9 @@ def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
         if not hit:
             near = difflib.get_close_matches(target, candidates, n=5, cutoff=0.0)
             kind = "preset" if target in PRESETS else "regex"
-            problems.append(f"lora.targets: {kind} {target!r} matches no module of this model; nearest module "
-                            f"names: {', '.join(near)}. Presets: {', '.join([*PRESETS, *GROUPS])}")
+            problems.append(f"lora.targets: {kind} {target!r} matches no module of this model (patterns must "
+                            f"match the full module name, re.fullmatch); nearest module names: {', '.join(near)}. "
+                            f"Presets: {', '.join([*PRESETS, *GROUPS])}")
     if problems:
         raise ValueError("\n".join(problems))
     combined = "|".join(f"(?:{target_pattern(t)})" for t in matches)
@@ -136,7 +137,8 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
             row[3] += 1
     lines = [f"{'component':<38}{'frozen':>16}{'LoRA modules':>14}{'LoRA params':>14}{'full-trained':>14}"]
     tot = [0, 0, 0, 0]
-    for label, (base, lora, full, n) in rows.items():
+    order = [label for label, _ in COMPONENTS] + ["other"]
+    for label, (base, lora, full, n) in sorted(rows.items(), key=lambda kv: order.index(kv[0])):
         lines.append(f"{label:<38}{base:>16,}{n:>14,}{lora:>14,}{full:>14,}")
         tot = [a + b for a, b in zip(tot, (base, lora, full, n))]
     lines.append(f"{'total':<38}{tot[0]:>16,}{tot[3]:>14,}{tot[1]:>14,}{tot[2]:>14,}")

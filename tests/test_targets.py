@@ -1,0 +1,89 @@
+"""LoRA target presets: anchored matches per preset, no leaf-name spill-over, nearest-name errors."""
+
+import re
+
+import pytest
+import torch
+
+from adapters.targets import (
+    PRESETS,
+    SAVE_PRESETS,
+    linear_module_names,
+    parameter_table,
+    resolve_targets,
+)
+from finetune.modeling_cogvlm import CogVLMForCausalLM
+from finetune.tiny import tiny_config
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["cogvlm", "cogvlm2"])
+def meta_model(request):
+    with torch.device("meta"):
+        return CogVLMForCausalLM(tiny_config(request.param))
+
+
+def _resolve(model, targets):
+    return resolve_targets(targets, [n for n, _ in model.named_modules()], linear_module_names(model))
+
+
+@pytest.mark.parametrize(
+    "preset, per_layer, prefix",
+    [
+        ("language_expert_attn", 2, r"model\.layers\.\d+\.self_attn\.language_expert_"),
+        ("vision_expert_attn", 2, r"model\.layers\.\d+\.self_attn\.vision_expert_"),
+        ("language_expert_mlp", 3, r"model\.layers\.\d+\.mlp\.language_mlp\."),
+        ("vision_expert_mlp", 3, r"model\.layers\.\d+\.mlp\.vision_mlp\."),
+    ],
+)
+def test_expert_presets_match_only_their_expert(meta_model, preset, per_layer, prefix):
+    _, matches = _resolve(meta_model, [preset])
+    hit = matches[preset]
+    assert len(hit) == per_layer * meta_model.config.num_hidden_layers
+    assert all(re.match(prefix, n) for n in hit)
+    assert not any(n.startswith("model.vision.") for n in hit)
+
+
+def test_vision_tower_and_glu_presets(meta_model):
+    _, matches = _resolve(meta_model, ["vision_tower", "glu_adapter"])
+    assert len(matches["vision_tower"]) == 4 * meta_model.config.vision_config["num_hidden_layers"]
+    assert sorted(n.rsplit(".", 1)[1] for n in matches["glu_adapter"]) == [
+        "dense_4h_to_h", "dense_h_to_4h", "gate_proj", "linear_proj"]
+
+
+def test_groups_expand_and_combined_regex_is_what_peft_sees(meta_model):
+    pattern, matches = _resolve(meta_model, ["experts"])
+    assert list(matches) == ["language_expert_attn", "language_expert_mlp", "vision_expert_attn",
+                             "vision_expert_mlp"]
+    names = [n for n, _ in meta_model.named_modules()]
+    via_pattern = {n for n in names if re.fullmatch(pattern, n)}
+    assert via_pattern == {n for hit in matches.values() for n in hit}
+    # The leaf-name trap: `gate_proj` also names the GLU's gate, which the expert presets must not touch.
+    assert "model.vision.linear_proj.gate_proj" not in via_pattern
+
+
+def test_zero_matches_lists_nearest_module_names(meta_model):
+    with pytest.raises(ValueError) as err:
+        _resolve(meta_model, ["gate_proj"])
+    msg = str(err.value)
+    assert "matches no module" in msg and "mlp.language_mlp.gate_proj" in msg and "language_expert_attn" in msg
+
+
+def test_bad_regex_is_reported(meta_model):
+    with pytest.raises(ValueError, match="neither a preset"):
+        _resolve(meta_model, ["model.layers.(["])
+
+
+def test_parameter_table_counts_lora_params(meta_model):
+    _, matches = _resolve(meta_model, ["language_expert_attn"])
+    r = 4
+    expected = sum(r * (m.in_features + m.out_features) for n, m in meta_model.named_modules()
+                   if n in matches["language_expert_attn"])
+    table = parameter_table(meta_model, matches["language_expert_attn"], r, [SAVE_PRESETS["lm_head"]])
+    total_line = [line for line in table.splitlines() if line.startswith("total")][0]
+    assert f"{expected:,}" in total_line
+    assert f"{meta_model.lm_head.weight.numel():,}" in total_line  # lm_head fully trained
+
+
+def test_presets_are_anchored():
+    for name, pattern in PRESETS.items():
+        assert pattern.startswith(("model\\.layers\\.", "model\\.vision\\.")), name
