@@ -1,0 +1,56 @@
+"""Helpers the converters share: reading JSON/JSONL with line numbers, and the record type they yield."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data_formats.schema import Problem
+
+# What every converter yields: (file:line, canonical row or None when skipped, problems of that row).
+Record = tuple[str, dict[str, Any] | None, list[Problem]]
+
+
+def skip(source: str, fld: str, message: str, hint: str = "", kind: str = "") -> Record:
+    """A record for a row that cannot be converted."""
+    return source, None, [Problem(source, fld, message, hint, "error", kind or message)]
+
+
+def iter_json_records(path: Path) -> Iterator[tuple[str, Any, list[Problem]]]:
+    """(file:line, object, problems) for each row of a JSONL file or of a top-level JSON array.
+
+    LLaVA and ShareGPT ship one big JSON array; line numbers are still reported (the line where each
+    element starts) so that skipped rows can be found in an editor.
+    """
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{lineno}"
+            try:
+                yield source, json.loads(line), []
+            except json.JSONDecodeError as exc:
+                yield source, None, [Problem(source, "line", f"not valid JSON ({exc.msg} at column {exc.colno})",
+                                             "each line must be one complete JSON object", "error", "bad json")]
+        return
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(stripped) + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        source = f"{path}:{text.count(chr(10), 0, pos) + 1}"
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            # One broken element makes the rest of the array unreadable; say where it broke.
+            yield source, None, [Problem(f"{path}:{exc.lineno}", "file", f"not valid JSON ({exc.msg})",
+                                         "fix the file at this position; rows after it were not read",
+                                         "error", "bad json")]
+            return
+        yield source, obj, []

@@ -1,0 +1,135 @@
+"""`cogtune convert --from FORMAT INPUT --out OUT.jsonl`: other dataset formats -> canonical JSONL.
+
+Every converted row is checked with the same rules as `cogtune validate` (structure, images exist,
+an answer is present); rows that fail are skipped and each is reported as `file:line: ...`, with a
+count per reason at the end, so nothing disappears silently. The output is written atomically.
+Image paths in the output are relative to the output's folder when the image lies under it, else
+absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, get_args
+
+from data_formats.common import Record
+from data_formats.schema import parse_row, write_jsonl
+
+Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf"]
+FORMATS: tuple[str, ...] = get_args(Format)
+
+
+def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record]:
+    """The converter for `fmt`; an explicit branch per format, no registry."""
+    root = Path(args.image_root) if args.image_root else None
+    if fmt == "llava":
+        from data_formats import llava
+
+        return llava.convert(src, image_root=root, role_map=args.role_map)
+    if fmt == "sharegpt":
+        from data_formats import sharegpt
+
+        return sharegpt.convert(src, image_root=root, role_map=args.role_map)
+    if fmt == "cogvlm-sft":
+        from data_formats import cogvlm_sft
+
+        return cogvlm_sft.convert(src, labels=args.labels)
+    if fmt == "swift":
+        from data_formats import swift
+
+        return swift.convert(src, image_root=root)
+    if fmt == "openai":
+        from data_formats import openai
+
+        return openai.convert(src, image_root=root)
+    if fmt == "glm":
+        from data_formats import glm
+
+        return glm.convert(src, image_root=root)
+    if fmt == "hf":
+        from data_formats import hf
+
+        return hf.convert(src, out_path=Path(args.out), split=args.split, image_column=args.image_column,
+                          messages_column=args.messages_column, question_column=args.question_column,
+                          answer_column=args.answer_column, prompt=args.prompt)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _portable(ref: str, out_dir: Path) -> str:
+    if ref.startswith("data:"):
+        return ref
+    try:
+        return Path(ref).relative_to(out_dir).as_posix()
+    except ValueError:
+        return ref
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cogtune convert", description=__doc__.split("\n")[0])
+    p.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="input format")
+    p.add_argument("input", help="input file (JSON/JSONL/parquet) or folder (cogvlm-sft, hf save_to_disk)")
+    p.add_argument("--out", required=True, help="output JSONL path")
+    p.add_argument("--image-root", help="folder that relative image paths in the input refer to "
+                   "(default: the input file's folder)")
+    p.add_argument("--role-map", help="sharegpt/llava: extra role names, e.g. 'human=user,bot=assistant'")
+    p.add_argument("--labels", help="cogvlm-sft: labels folder name (default labels_en, else labels_zh)")
+    p.add_argument("--split", help="hf: which split to convert (default: train, or the only one)")
+    p.add_argument("--image-column", help="hf: column holding the image(s)")
+    p.add_argument("--messages-column", help="hf: column holding role/content turns")
+    p.add_argument("--question-column", help="hf: column holding the user turn")
+    p.add_argument("--answer-column", help="hf: column holding the answer")
+    p.add_argument("--prompt", help="hf: fixed user turn when there is no question column (captioning)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    src, out = Path(args.input), Path(args.out)
+    if not src.exists():
+        print(f"cogtune convert: {src}: not found", file=sys.stderr)
+        return 2
+    out_dir = out.resolve().parent
+    skipped: Counter[str] = Counter()
+    reports: list[str] = []
+
+    def rows() -> Iterator[dict]:
+        from tqdm import tqdm
+
+        try:
+            stream = records(args.fmt, src, args)
+            for source, row, problems in tqdm(stream, desc=f"convert {args.fmt}", unit=" rows", disable=args.quiet,
+                                              file=sys.stderr):
+                if row is not None and not problems:
+                    # Same rules as `cogtune validate`, minus image decoding and the per-model image limit.
+                    conv, problems = parse_row(row, source, Path("/"), default_id=row.get("id", ""))
+                    if conv is not None:
+                        canonical = conv.to_json()
+                        canonical["images"] = [_portable(r, out_dir) for r in conv.images]
+                        yield canonical
+                        continue
+                errors = [p for p in problems if p.level == "error"]
+                skipped[errors[0].kind if errors else "skipped"] += 1
+                reports.extend(str(p) for p in errors)
+        except ValueError as exc:  # a bad option (e.g. --role-map), not bad data
+            reports.append(f"cogtune convert: {exc}")
+            skipped["bad option"] += 1
+
+    n = write_jsonl(out, rows())
+    for line in reports:
+        print(line, file=sys.stderr)
+    total_skipped = sum(skipped.values())
+    reasons = ", ".join(f"{kind}: {count}" for kind, count in skipped.most_common())
+    print(f"{n} rows written to {out}, {total_skipped} skipped" + (f" ({reasons})" if reasons else ""))
+    if n == 0 and os.path.exists(out) and total_skipped:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

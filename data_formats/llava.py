@@ -1,0 +1,27 @@
+"""LLaVA instruction data (`llava_v1_5_mix665k.json` style) -> canonical rows.
+
+Each element: `id`, optional `image` (a path relative to the image folder, `--image-root`),
+`conversations` of {from: human|gpt|system, value}. LLaVA puts `<image>` in the first human turn,
+which is also the canonical marker, so text passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_formats.common import Record, iter_json_records
+from data_formats.sharegpt import convert_row, parse_role_map
+
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def convert(path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:
+    """Rows of a LLaVA JSON/JSONL file; images are relative to `image_root` (default: the file's folder)."""
+    roles = {**LLAVA_ROLES, **{k: v for k, v in parse_role_map(role_map).items() if role_map and k in role_map}}
+    base_dir = image_root or path.parent
+    for n, (source, obj, problems) in enumerate(iter_json_records(path)):
+        if problems:
+            yield source, None, problems
+            continue
+        yield convert_row(obj, source, base_dir, roles, f"{path.stem}-{n}")
