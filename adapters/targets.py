@@ -143,7 +143,8 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
         tot = [a + b for a, b in zip(tot, (base, lora, full, n))]
     lines.append(f"{'total':<38}{tot[0]:>16,}{tot[3]:>14,}{tot[1]:>14,}{tot[2]:>14,}")
     trainable = tot[1] + tot[2]
-    lines.append(f"trainable: {trainable:,} of {tot[0] + trainable:,} ({100 * trainable / max(1, tot[0] + trainable):.3f}%)")
+    share = 100 * trainable / max(1, tot[0] + trainable)
+    lines.append(f"trainable: {trainable:,} of {tot[0] + trainable:,} ({share:.3f}%)")
     return "\n".join(lines)
 
 

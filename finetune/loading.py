@@ -19,7 +19,8 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist. Expected an official-layout folder: "
-                                "config.json, model.safetensors.index.json + model-*.safetensors (or model.safetensors).")
+                                "config.json, model.safetensors.index.json + model-*.safetensors "
+                                "(or model.safetensors).")
     missing = [] if (path / "config.json").is_file() else ["config.json"]
     if not any(path.glob("*.safetensors")):
         missing.append("*.safetensors weights")

@@ -121,3 +121,137 @@ def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+# ---- data ----
+
+def read_conversations(path: str, image_root: str | None, cfg, log=print) -> list:
+    """Rows of a cogtune JSONL through the same validation as `cogtune validate`.
+
+    Errors stop the run with every problem listed, unless data.skip_invalid is set; then the
+    invalid rows are skipped and counted. Nothing is dropped silently.
+    """
+    from .validate import load_and_validate
+
+    convs, report = load_and_validate(path, image_root=image_root, max_images=None if cfg.data.allow_multi_image
+                                      else 1, skip_invalid=cfg.data.skip_invalid)
+    if report:
+        log(report)
+    return convs
+
+
+def encode_all(convs: list, collator, log=print, what: str = "train") -> list:
+    """Tokenize rows once, up front; rows that cannot fit max_length are dropped and counted."""
+    from .processing_cogvlm import RowTooLong
+
+    examples, too_long, dropped_turns = [], [], 0
+    for conv in convs:
+        try:
+            ex = collator.encode(conv)
+        except RowTooLong as err:
+            too_long.append(f"{getattr(conv, 'source', conv.id)}: {err}")
+            continue
+        dropped_turns += ex.dropped_turns
+        examples.append(ex.to_dict())
+    log(f"{what}: {len(examples)} rows encoded; {dropped_turns} oldest history turns dropped to fit max_length; "
+        f"{len(too_long)} rows dropped (too long even with history dropped)")
+    for line in too_long[:10]:
+        log(f"  dropped: {line}")
+    if len(too_long) > 10:
+        log(f"  ... and {len(too_long) - 10} more")
+    if not examples:
+        raise ValueError(f"no {what} rows left after encoding; raise data.max_length or check the data")
+    return examples
+
+
+def build_datasets(cfg, tokenizer, config, template: str, log=print):
+    """(train examples, eval examples or None, eval conversations, collator)."""
+    from .processing_cogvlm import CogVLMCollator
+
+    collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
+                              last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
+                              allow_multi_image=cfg.data.allow_multi_image)
+    train_convs = read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
+    train = encode_all(train_convs, collator, log, "train")
+    eval_convs, eval_examples = [], None
+    if cfg.data.eval_path:
+        eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)
+        eval_examples = encode_all(eval_convs, collator, log, "eval")
+    return train, eval_examples, eval_convs, collator
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def token_weighted_eval_loss(model, examples: list, collator, batch_size: int = 4) -> float:
+    """Sum of label-token losses over all rows / number of label tokens (not a mean of batch means)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collator(examples[i:i + batch_size])
+        labels = batch.pop("labels")
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        out = model(**batch)
+        s, n = shifted_token_loss(out.logits, labels)
+        total, count = total + float(s), count + int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def generation_eval(model, tokenizer, convs: list, template: str, max_new_tokens: int, rows: int,
+                    batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """Greedy answers for the first `rows` held-out rows, scored against their last assistant turn."""
+    from .generation import generate_answers, score
+
+    convs = [c for c in convs if c.messages and c.messages[-1].role == "assistant"][:rows]
+    if not convs:
+        return {}, []
+    prompts = [type(c)(id=c.id, images=c.images, messages=c.messages[:-1], source=c.source) for c in convs]
+    refs = [c.messages[-1].content for c in convs]
+    was_training = model.training
+    model.eval()
+    preds = generate_answers(model, tokenizer, prompts, template_version=template, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    model.train(was_training)
+    metrics = score(preds, refs)
+    samples = [{"id": c.id, "prediction": p, "reference": r} for c, p, r in zip(convs, preds, refs)]
+    return metrics, samples
+
+
+class EvalCallback(TrainerCallback):
+    """Token-weighted eval loss and generation eval every `eval.eval_steps` and at the end of training."""
+
+    def __init__(self, cfg, eval_examples, eval_convs, collator, tokenizer, template, out_dir, log=print) -> None:
+        self.cfg, self.examples, self.convs, self.collator = cfg, eval_examples, eval_convs, collator
+        self.tokenizer, self.template, self.out_dir, self.log = tokenizer, template, Path(out_dir), log
+        self.trainer = None  # set by the recipe after the Trainer exists (to log through it)
+        self._last_step = -1
+
+    def _run(self, state, model) -> None:
+        if not self.examples or state.global_step == self._last_step:
+            return
+        self._last_step = state.global_step
+        metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
+        gen, samples = generation_eval(model, self.tokenizer, self.convs, self.template,
+                                       self.cfg.eval.max_new_tokens, self.cfg.eval.generation_rows)
+        metrics.update({f"eval_{k}": v for k, v in gen.items()})
+        self.log(f"eval @ step {state.global_step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        for s in samples[: self.cfg.eval.log_predictions]:
+            self.log(f"  [{s['id']}] pred={s['prediction']!r} ref={s['reference']!r}")
+        if samples:
+            import json
+
+            write_atomic(self.out_dir / f"eval_predictions_step{state.global_step}.jsonl",
+                         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        if self.trainer is not None:
+            self.trainer.log(metrics)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = self.cfg.eval.eval_steps
+        if every and state.global_step % every == 0:
+            self._run(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._run(state, model)
