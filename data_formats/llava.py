@@ -18,7 +18,7 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def convert(path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:
     """Rows of a LLaVA JSON/JSONL file; images are relative to `image_root` (default: the file's folder)."""
-    roles = {**LLAVA_ROLES, **{k: v for k, v in parse_role_map(role_map).items() if role_map and k in role_map}}
+    roles = parse_role_map(role_map, base=LLAVA_ROLES)
     base_dir = image_root or path.parent
     for n, (source, obj, problems) in enumerate(iter_json_records(path)):
         if problems:

@@ -20,9 +20,9 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
 }
 
 
-def parse_role_map(spec: str | None) -> dict[str, str]:
-    """`human=user,gpt=assistant` -> dict, added on top of the defaults."""
-    mapping = dict(DEFAULT_ROLE_MAP)
+def parse_role_map(spec: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """`human=user,gpt=assistant` -> dict, added on top of `base` (default: the ShareGPT names)."""
+    mapping = dict(DEFAULT_ROLE_MAP if base is None else base)
     for item in (spec or "").split(","):
         if not item.strip():
             continue

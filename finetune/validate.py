@@ -1,0 +1,254 @@
+"""`cogtune validate DATA.jsonl --model DIR_OR_FAMILY`: every data problem at once, then token lengths.
+
+Output: one line per problem (`file:line: field: what is wrong; how to fix`), then a summary with
+token lengths (image tokens included) and how many rows `max_length` would truncate (oldest turns
+dropped) or drop. Exit code 1 when any row has an error, 0 otherwise; bad data never raises.
+
+`--model` is a checkpoint folder (config.json + tokenizer) or a family name from
+`finetune/families.py`. Token lengths need a tokenizer: a family name alone (or a CogVLM1 folder,
+which ships none) gives the structural checks and image-token counts; add `--tokenizer-dir`.
+Training calls `load_and_validate`, which applies the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_formats.schema import Conversation, Problem, validate_rows
+
+
+class DataValidationError(ValueError):
+    """Raised by `load_and_validate` when rows have errors and skip_invalid is off; lists every problem."""
+
+
+@dataclass
+class ValidationReport:
+    """What validation found in one file; `str()` is the printable report, falsy when there is nothing to say."""
+
+    path: str
+    rows: int
+    valid: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "warning"]
+
+    @property
+    def invalid_rows(self) -> int:
+        return self.rows - self.valid
+
+    def summary(self) -> str:
+        return (f"{self.path}: {self.rows} rows, {self.valid} valid, {self.invalid_rows} with errors "
+                f"({len(self.errors)} errors, {len(self.warnings)} warnings)")
+
+    def __str__(self) -> str:
+        return "\n".join([*(str(p) for p in self.problems), self.summary()]) if self.problems else ""
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)
+
+
+def _read_lines(path: Path) -> tuple[list[str] | None, Problem | None]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines(), None
+    except FileNotFoundError:
+        return None, Problem(str(path), "file", "not found", "check the path", "error", "missing file")
+    except IsADirectoryError:
+        return None, Problem(str(path), "file", "is a folder", "pass the JSONL file (cogtune convert makes one)",
+                             "error", "missing file")
+    except UnicodeDecodeError as exc:
+        return None, Problem(str(path), "file", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                             "save the file as UTF-8", "error", "bad encoding")
+
+
+def check_file(path: str | Path, *, image_root: str | Path | None = None, max_images: int | None = 1,
+               check_images: bool = True) -> tuple[list[Conversation], ValidationReport]:
+    """Structural validation of one file (no tokenizer): the valid rows and the report."""
+    path = Path(path)
+    lines, problem = _read_lines(path)
+    if lines is None:
+        return [], ValidationReport(str(path), 0, 0, [problem])
+    convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
+                                    check_images=check_images)
+    rows = sum(1 for line in lines if line.strip())
+    return convs, ValidationReport(str(path), rows, len(convs), problems)
+
+
+def load_and_validate(path: str | Path, image_root: str | Path | None = None, *, max_images: int | None = 1,
+                      skip_invalid: bool = False,
+                      check_images: bool = False) -> tuple[list[Conversation], ValidationReport]:
+    """Rows for training. Any error raises `DataValidationError` listing every problem, unless
+    `skip_invalid`: then invalid rows are skipped and the report counts them (nothing dropped silently).
+
+    Images are checked for existence; `check_images=True` also decodes each one (slow on big sets;
+    `cogtune validate` does it).
+    """
+    convs, report = check_file(path, image_root=image_root, max_images=max_images, check_images=check_images)
+    if report.errors and not skip_invalid:
+        raise DataValidationError(f"{report}\nfix the rows above (or set data.skip_invalid: true to skip them); "
+                                  f"`cogtune validate {path} --model ...` prints the same list")
+    if report.errors:
+        report.problems.append(Problem(str(path), "rows", f"{report.invalid_rows} invalid rows skipped "
+                                       "(data.skip_invalid is on)", "", "warning", "skipped rows"))
+    if not convs and report.rows:
+        raise DataValidationError(f"{report}\nno valid rows left in {path}")
+    return convs, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Model side: family version, image tokens, template, tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What token counting needs to know about the target model."""
+
+    name: str
+    version: int
+    image_tokens: int
+    template_version: str
+    tokenizer: Any = None
+    tokenizer_note: str = ""
+
+
+def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -> ModelInfo:
+    """Checkpoint folder or family name -> ModelInfo; ValueError with the fix when neither."""
+    folder = Path(model)
+    if folder.is_dir():
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise ValueError(f"--model {model}: folder has no config.json; pass a checkpoint folder or a family name")
+        from finetune.configuration_cogvlm import CogVLMConfig
+
+        try:
+            cfg = CogVLMConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ValueError(f"--model {model}: cannot read config.json ({exc})") from None
+        info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
+        from finetune.tokenization import load_tokenizer
+
+        try:
+            info.tokenizer = load_tokenizer(folder, tokenizer_dir, config=cfg)
+        except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
+            info.tokenizer_note = str(exc)
+        return info
+    from finetune.families import FAMILIES, get_family
+
+    if model not in FAMILIES:
+        get_family(model)  # raises with the nearest names
+    spec = FAMILIES[model]
+    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version)
+    if tokenizer_dir:
+        from finetune.tokenization import load_tokenizer
+
+        try:
+            info.tokenizer = load_tokenizer(tokenizer_dir, tokenizer_dir)
+        except (OSError, ValueError) as exc:
+            info.tokenizer_note = str(exc)
+    else:
+        info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
+                              f"a checkpoint folder as --model. {spec.tokenizer_note}")
+    return info
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
+                 max_images: int | None) -> tuple[list[str], list[Problem]]:
+    """Summary lines about token lengths, and problems for rows the encoder rejects."""
+    from finetune.processing_cogvlm import RowTooLong, encode_conversation
+
+    lengths: list[int] = []
+    truncated = dropped = 0
+    problems: list[Problem] = []
+    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
+                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
+    for conv in convs:
+        try:
+            n = len(encode_conversation(conv, info.tokenizer, **kwargs).input_ids)
+        except ValueError as exc:
+            problems.append(Problem(conv.source, "row", f"cannot be encoded: {exc}", "", "error", "encode error"))
+            continue
+        lengths.append(n)
+        if max_length is not None and n > max_length:
+            try:
+                encode_conversation(conv, info.tokenizer, max_length=max_length, **kwargs)
+                truncated += 1
+            except RowTooLong:
+                dropped += 1
+    if not lengths:
+        return ["token lengths: no valid rows to measure"], problems
+    s = sorted(lengths)
+    lines = [f"token lengths ({len(s)} rows, image tokens included: {info.image_tokens} per image; template "
+             f"'{info.template_version}'): min {s[0]} / median {int(statistics.median(s))} / "
+             f"p95 {_percentile(s, 0.95)} / max {s[-1]}"]
+    if max_length is not None:
+        lines.append(f"at --max-length {max_length}: {truncated} rows truncated (oldest history turns dropped), "
+                     f"{dropped} rows dropped entirely (the last turn alone does not fit)")
+    return lines, problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cogtune validate", description=__doc__.split("\n")[0])
+    p.add_argument("data", help="cogtune JSONL file")
+    p.add_argument("--model", required=True, help="checkpoint folder, or a family name (see finetune/families.py)")
+    p.add_argument("--tokenizer-dir", help="tokenizer folder (CogVLM1 checkpoints ship none: the Vicuna-7B v1.5 one)")
+    p.add_argument("--template", help="prompt template (base/chat/vqa); default: the model's")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per row, image span included (default 2048)")
+    p.add_argument("--max-images", type=int, default=1, help="images allowed per row (official checkpoints: 1)")
+    p.add_argument("--image-root", help="folder relative image paths refer to (default: the JSONL's folder)")
+    p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        info = resolve_model(args.model, args.tokenizer_dir, args.template)
+    except ValueError as exc:
+        print(f"cogtune validate: {exc}", file=sys.stderr)
+        return 2
+    max_images = None if args.max_images <= 0 else args.max_images
+    convs, report = check_file(args.data, image_root=args.image_root, max_images=max_images,
+                               check_images=not args.no_decode)
+    lines: list[str] = []
+    if info.tokenizer is not None and convs:
+        lines, encode_problems = token_report(convs, info, args.max_length, max_images)
+        report.problems.extend(encode_problems)
+        report.valid -= len(encode_problems)
+    report.problems.sort(key=lambda p: _line_of(p.source))
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    with_images = sum(1 for c in convs if c.images)
+    print(f"model {info.name}: CogVLM{'2' if info.version == 2 else ''} layout, {info.image_tokens} tokens per "
+          f"image; {with_images} valid rows carry images")
+    if info.tokenizer is None:
+        print(f"token lengths need a tokenizer: {info.tokenizer_note}")
+    for line in lines:
+        print(line)
+    return 1 if report.errors else 0
+
+
+def _line_of(source: str) -> tuple[str, int]:
+    head, _, tail = source.rpartition(":")
+    return (head, int(tail)) if tail.isdigit() else (source, 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
