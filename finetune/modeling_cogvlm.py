@@ -66,7 +66,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
         self.base = base
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=True)  # (hd/2,)
+        # Built in fp32, stored in the default dtype: `from_pretrained(dtype=bf16)` then holds a bf16 buffer, as
+        # the official bf16 checkpoints do (spec §7.1), and the checkpoint's values are loaded into it.
+        inv_freq = self.compute_inv_freq().to(torch.get_default_dtype())
+        self.register_buffer("inv_freq", inv_freq, persistent=True)  # (hd/2,)
 
     def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
