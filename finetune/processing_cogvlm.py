@@ -383,7 +383,8 @@ class CogVLMCollator:
         token_type_ids  VISION (1) over each image span, LANGUAGE (0) elsewhere, padding included
         attention_mask  1 / 0 (pad); with packing, segment ids 1..k per row, 0 for padding
         labels          answer tokens + EOS, -100 elsewhere (image, BOS, prompt, history, pad)
-        position_ids    build_position_ids (spec §1.3), restarted per packed segment
+        position_ids    build_position_ids (spec §1.3) of each row alone (BOS = 0 with left padding too),
+                        restarted per packed segment; leave them out of generate(), the model rebuilds them
         images          (N, 3, S, S) float32, every image in row-major order, or None
 
     Example (tiny v2 tokenizer, image_tokens=4, one row "What color?" -> "red", right padding to 12)::
@@ -465,13 +466,11 @@ class CogVLMCollator:
                 token_type_ids[r, sl] = torch.tensor(e.token_type_ids, dtype=torch.long)
                 labels[r, sl] = torch.tensor(e.labels, dtype=torch.long)
                 attention_mask[r, sl] = seg if self.packing else 1
-                if self.packing:  # positions restart in every segment
-                    position_ids[r, sl] = build_position_ids(token_type_ids[r:r + 1, sl])[0]
+                # Positions of each row (packed: each segment) as if alone: BOS = 0 also when left-padded,
+                # where the official rule would give 1 (spec §1.3); equals the model's default_position_ids.
+                position_ids[r, sl] = build_position_ids(token_type_ids[r:r + 1, sl])[0]
                 images += [self._image(ref) for ref in e.images]
                 start += len(e)
-        if not self.packing:
-            # Same rule the model applies when given none; left padding shifts a row by +1 (spec §1.3).
-            position_ids = build_position_ids(token_type_ids, attention_mask)
         return {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,
