@@ -119,6 +119,8 @@ class ExpertRouting:
         if self.inv is None:
             return language(x)
         b, n = x.shape[:2]
+        if self.inv.device != x.device:  # layers split over devices (device_map): move the indices once
+            self.lang_idx, self.vis_idx, self.inv = (t.to(x.device) for t in (self.lang_idx, self.vis_idx, self.inv))
         flat = x.reshape(b * n, -1)  # (B*L, in)
         out = torch.cat((language(flat.index_select(0, self.lang_idx)), vision(flat.index_select(0, self.vis_idx))))
         return out.index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
@@ -493,7 +495,9 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 f"eoi). Every image needs exactly {per_image} consecutive VISION-typed positions."
             )
         param = self.vision.patch_embedding.proj.weight
-        feats = self.encode_images(pixels.to(param.device))  # (N, P+2, H)
+        # The tower runs in the pixel dtype (spec §7.1); pixels of another dtype than the tower's weights (e.g. fp32
+        # pixels from a collator, bf16 model) are cast to the weights' dtype instead of failing in the conv.
+        feats = self.encode_images(pixels.to(device=param.device, dtype=param.dtype))  # (N, P+2, H)
         if feats.shape[1] != per_image:
             raise ValueError(
                 f"image span mismatch: the vision tower produced {feats.shape[1]} features per image, the config "

@@ -535,7 +535,9 @@ def test_load_bf16(tiny_models, version, tmp_path):
     ids, types, images = make_inputs(model.config, [[5, 6, 7]])
     with torch.no_grad():
         out = model(input_ids=ids, token_type_ids=types, images=images.bfloat16())
+        fp32_pixels = model(input_ids=ids, token_type_ids=types, images=images)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    assert torch.equal(out.logits, fp32_pixels.logits)
 
 
 def test_qlora_4bit_quantizes_only_language_linears(tiny_checkpoints):
@@ -564,3 +566,12 @@ def test_qlora_4bit_quantizes_only_language_linears(tiny_checkpoints):
     lora_grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad]
     assert lora_grads and all(g is not None for g in lora_grads)
     assert any(g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_import_finetune_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, finetune; assert 'torch' not in sys.modules; print(finetune.CogVLMForCausalLM.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "CogVLMForCausalLM"
