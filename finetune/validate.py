@@ -50,7 +50,7 @@ class ValidationReport:
         return self.rows - self.valid
 
     def summary(self) -> str:
-        return (f"{self.path}: {self.rows} rows, {self.valid} valid, {self.invalid_rows} with errors "
+        return (f"{self.rows} rows in {self.path}: {self.valid} valid, {self.invalid_rows} with errors "
                 f"({len(self.errors)} errors, {len(self.warnings)} warnings)")
 
     def __str__(self) -> str:
