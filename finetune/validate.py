@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", help="tokenizer folder (CogVLM1 checkpoints ship none: the Vicuna-7B v1.5 one)")
     p.add_argument("--template", help="prompt template (base/chat/vqa); default: the model's")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per row, image span included (default 2048)")
-    p.add_argument("--max-images", type=int, default=1, help="images allowed per row (official checkpoints: 1)")
+    p.add_argument("--max-images", type=int, default=1,
+                   help="images allowed per row (official checkpoints: 1; 0 = no limit)")
     p.add_argument("--image-root", help="folder relative image paths refer to (default: the JSONL's folder)")
     p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
     return p
@@ -220,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         info = resolve_model(args.model, args.tokenizer_dir, args.template)
+        if args.template and info.tokenizer is not None:
+            from finetune.processing_cogvlm import get_template
+
+            get_template(args.template)  # an unknown name fails here once, not once per row
     except ValueError as exc:
         print(f"cogtune validate: {exc}", file=sys.stderr)
         return 2
