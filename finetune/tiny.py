@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None,
                         help="image side in px: a multiple of 14 (28 for cogvlm, 56 for cogvlm2 by default)")
     args = parser.parse_args(argv)
-    path = make_tiny(FAMILY_VERSIONS[args.family], args.out, seed=args.seed, image_size=args.image_size)
+    try:
+        path = make_tiny(FAMILY_VERSIONS[args.family], args.out, seed=args.seed, image_size=args.image_size)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"wrote tiny {args.family} checkpoint to {path}")
     return 0
