@@ -226,8 +226,6 @@ def _split_turns(conv: Any, add_generation_prompt: bool) -> tuple[str | None, li
         turns.append((user.content, None if answer is None else answer.content))
     if not turns:
         raise ValueError(f"{where}: no user turn")
-    if add_generation_prompt and turns[-1][1] is not None:
-        raise AssertionError("unreachable: the last assistant turn was removed above")
     if not add_generation_prompt and turns[-1][1] is None:
         raise ValueError(f"{where}: the last user turn has no answer (pass add_generation_prompt=True to generate it)")
     return ("\n".join(systems) if systems else None), turns
@@ -387,10 +385,17 @@ class CogVLMCollator:
                         restarted per packed segment; leave them out of generate(), the model rebuilds them
         images          (N, 3, S, S) float32, every image in row-major order, or None
 
-    Example (tiny v2 tokenizer, image_tokens=4, one row "What color?" -> "red", right padding to 12)::
+    Real output (tests/test_collator.py golden) for the tiny v2 tokenizer and tiny CogVLM2 config (span 6),
+    row "<image>\\nWhat color is the shape?" -> "red", "Where is it?" -> "left"::
 
-        input_ids       [508, 510, 510, 510, 510, 283, 25, 295, 309, 30, 287, 25, ...]
-    (the exact output is pinned in tests/test_collator.py).
+        input_ids       [508, 510 x6, 286, 25, 297, 313, 260, 263, 361, 30, 288, 25, 495, 509,
+                         198, 286, 25, 502, 260, 276, 30, 288, 25, 374, 509]
+                        (BOS, image placeholders, "Question: What color is the shape? Answer:", "red", EOS,
+                         "\\n", "Question: Where is it? Answer:", "left", EOS)
+        token_type_ids  [0, 1 x6, 0 x23]
+        labels          [-100 x17, 495, 509, -100 x9, 374, 509]
+        position_ids    [0, 1, 2, 2, 2, 2, 3, 4, 5, ..., 26]
+        attention_mask  [1 x30]
     """
 
     tokenizer: Any
