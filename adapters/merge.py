@@ -1,0 +1,615 @@
+"""`cogtune merge RUN_OR_ADAPTER_DIR --out DIR`: adapter + base -> one checkpoint in the official layout, verified.
+
+Why each step (user-pains F1-F4):
+  * the base is read from run.json / cogtune.json, so nothing is repeated on the command line, and it is
+    checked (family version, config hash, image tokens, every adapter key against a base Linear of the
+    right shape) before any weight is loaded: merging onto the wrong base "works" and gives garbage;
+  * the base is loaded UNquantized in the chosen dtype even for QLoRA adapters: peft cannot merge into
+    4-bit weights without rounding the delta away, and a deployable checkpoint is high precision first;
+  * weights are written as sharded safetensors + `model.safetensors.index.json` with the official keys,
+    next to the base's config.json (official fields, `torch_dtype` set), generation_config.json, the
+    tokenizer, every other base file (remote code `*.py`, README) and `cogtune.json` (template, origin);
+  * everything is written to a hidden folder beside the output and renamed at the very end, after the
+    merged folder was reloaded in a FRESH process (strict keys, its own tokenizer) and its logits on
+    probe inputs matched base + adapter. A failure or Ctrl-C leaves no output; an existing output is
+    replaced only with --force.
+
+`python -m adapters.merge FOLDER --probe FILE --report FILE` is the verification entry point that the
+fresh process runs; users do not call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+SKIP_BASE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json",
+                   "generation_config.json", "cogtune.json"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+QuantMode = Literal["nf4", "int8"]
+
+# Tolerance on max |merged - (base + adapter)| over real (unpadded) probe positions, as a fraction of the
+# reference logits' largest magnitude (at least 1). Merging rounds W + BA to the storage dtype once, where
+# the unmerged model keeps W and adds BA x in higher precision; the gap is that rounding carried through
+# the network. fp32 (unit roundoff 6e-8) leaves ~1e-6 relative on real depths, so 1e-4 only fails on a
+# real merge error. fp16 (roundoff 4.9e-4) and bf16 (3.9e-3) round every weight by up to that fraction;
+# measured on the tiny models it stays below a tenth of these bounds, and a wrong merge (a missing or
+# doubled delta, a wrong scaling) moves logits by the adapter's whole effect, far above them.
+MERGE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# After bnb quantization the weights move by ~5-10% (nf4: 16 levels per block of 64) or ~1% (int8), so the
+# repeated check catches gross errors only (lost keys, a quantized vision tower, wrong scales): the MEAN
+# abs difference must stay under this fraction of the reference's mean magnitude, and numbers are printed.
+QUANT_TOLERANCE = {"nf4": 0.5, "int8": 0.2}
+
+
+class AdapterMismatch(ValueError):
+    """The adapter was trained on another base than the one given."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the adapter, its metadata and its base
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterSource:
+    """A PEFT adapter folder plus what the run recorded about it (run.json or cogtune.json; {} when neither)."""
+
+    adapter_dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    meta_file: Path | None = None
+    run_dir: Path | None = None
+
+
+def resolve_adapter(path: str | Path) -> AdapterSource:
+    """A run folder (run.json + adapter/), an exported adapter (adapter_config.json + cogtune.json) or a bare one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist; pass a run folder (with run.json and "
+                                "adapter/) or a PEFT adapter folder (with adapter_config.json)")
+    if (path / "adapter" / "adapter_config.json").is_file():
+        meta_file = path / "run.json"
+        return AdapterSource(path / "adapter", _read_json(meta_file), meta_file if meta_file.is_file() else None, path)
+    if (path / "adapter_config.json").is_file():
+        for meta_file in (path / "cogtune.json", path.parent / "run.json"):
+            if meta_file.is_file():
+                return AdapterSource(path, _read_json(meta_file), meta_file,
+                                     path.parent if meta_file.name == "run.json" else None)
+        return AdapterSource(path)
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+    raise FileNotFoundError(f"{path} is neither a run folder (run.json + adapter/adapter_config.json) nor a PEFT "
+                            f"adapter folder (adapter_config.json); found: {found}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def resolve_base(source: AdapterSource, base: str | Path | None) -> Path:
+    """--base when given, else the base_checkpoint the run recorded."""
+    from finetune.loading import check_checkpoint_dir
+
+    if base is None:
+        recorded = source.meta.get("base_checkpoint")
+        if not recorded:
+            raise ValueError(f"{source.adapter_dir} has no run.json/cogtune.json naming its base checkpoint; "
+                             "pass --base DIR (the checkpoint the adapter was trained on)")
+        base = recorded
+    return check_checkpoint_dir(base)
+
+
+def template_for(source: AdapterSource | None, config: Any) -> str:
+    """The template the adapter was trained with, else the checkpoint's own."""
+    if source is not None and source.meta.get("template_version"):
+        return str(source.meta["template_version"])
+    return str(config.template_version)
+
+
+def check_compatible(source: AdapterSource, base_dir: Path, config: Any, modules: dict[str, tuple[int, int]]) -> None:
+    """Refuse an adapter whose recorded base or whose weights do not fit this base; every problem at once.
+
+    `modules`: name -> (in_features, out_features) of the base's Linear layers.
+    """
+    from finetune.recipe import config_hash
+
+    where = source.meta_file or source.adapter_dir
+    recorded_base = source.meta.get("base_checkpoint", "?")
+    problems = []
+    version = source.meta.get("family_version")
+    if version is not None and int(version) != int(config.cogvlm_version):
+        problems.append(f"family: the adapter was trained on CogVLM{version} ({where}), {base_dir} is "
+                        f"CogVLM{config.cogvlm_version}")
+    want_hash = source.meta.get("base_config_hash")
+    if want_hash and want_hash != config_hash(base_dir):
+        problems.append(f"config hash: the adapter's base had config.json hash {want_hash} ({recorded_base}), "
+                        f"{base_dir}/config.json hashes to {config_hash(base_dir)} (another checkpoint or an edited "
+                        "config)")
+    tokens = source.meta.get("image_tokens")
+    if tokens is not None and int(tokens) != int(config.image_tokens):
+        problems.append(f"image tokens: the adapter was trained with {tokens} tokens per image, the base gives "
+                        f"{config.image_tokens}")
+    problems += _check_adapter_keys(source.adapter_dir, modules)
+    if problems:
+        raise AdapterMismatch(
+            f"adapter {source.adapter_dir} does not match base {base_dir}:\n  - " + "\n  - ".join(problems)
+            + f"\nPass --base with the checkpoint it was trained on (run.json says {recorded_base}).")
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_[AB]|lora_embedding_[AB]|"
+                       r"lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+
+
+def _check_adapter_keys(adapter_dir: Path, modules: dict[str, tuple[int, int]]) -> list[str]:
+    """Each LoRA tensor must sit on a base Linear with matching in/out features (target modules match)."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return [f"{weights} is missing (only safetensors adapters are supported)"]
+    bad: list[str] = []
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            m = _LORA_KEY.match(key)
+            if m is None:
+                continue
+            name, kind = m.group("module"), m.group("kind")
+            if name not in modules:
+                bad.append(f"{name} (targeted by the adapter) is not a Linear layer of the base")
+                continue
+            shape = fh.get_slice(key).get_shape()
+            fan_in, fan_out = modules[name]
+            if (kind == "lora_A" and shape[-1] != fan_in) or (kind == "lora_B" and shape[0] != fan_out):
+                bad.append(f"{key}: shape {tuple(shape)} does not fit the base Linear {name} "
+                           f"({fan_in} -> {fan_out})")
+    if len(bad) > 5:
+        bad = bad[:5] + [f"... and {len(bad) - 5} more target-module mismatches"]
+    return bad
+
+
+def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of every Linear (quantized Linears included)."""
+    import torch
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = (mod.in_features, mod.out_features)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def stored_dtype(checkpoint_dir: Path) -> str:
+    """The dtype the checkpoint was saved in (config.json torch_dtype / dtype), bfloat16 when unrecorded."""
+    cfg = _read_json(checkpoint_dir / "config.json")
+    value = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    return value if value in MERGE_TOLERANCE else "bfloat16"
+
+
+def load_base(base_dir: Path, dtype: str, quantization_config: Any = None) -> Any:
+    """The base model, unquantized unless `quantization_config` is given, in eval mode."""
+    import torch
+
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs).eval()
+
+
+def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_dir: Path) -> Any:
+    """Load each adapter under its name on one base (checked first); the first one is active."""
+    from peft import PeftModel
+
+    shapes = linear_shapes(model)
+    for _, src in adapters:
+        check_compatible(src, base_dir, model.config, shapes)
+    name, first = adapters[0]
+    model = PeftModel.from_pretrained(model, str(first.adapter_dir), adapter_name=name, is_trainable=False)
+    for name, src in adapters[1:]:
+        model.load_adapter(str(src.adapter_dir), adapter_name=name, is_trainable=False)
+    model.set_adapter(adapters[0][0])
+    return model.eval()
+
+
+def load_tokenizer_for(source: AdapterSource | None, base_dir: Path, config: Any) -> Any:
+    """The adapter's saved tokenizer (the trainer stores it there), else the run's tokenizer_dir, else the base's."""
+    from finetune.tokenization import _has_tokenizer, load_tokenizer
+
+    if source is not None and _has_tokenizer(source.adapter_dir):
+        return load_tokenizer(base_dir, source.adapter_dir, config)
+    tokenizer_dir = source.meta.get("tokenizer_dir") if source is not None else None
+    return load_tokenizer(base_dir, tokenizer_dir, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Probe inputs and logits comparison
+# --------------------------------------------------------------------------------------------------
+
+PROBE_QUESTIONS = ("What is in this image?", "Describe the picture in one sentence.")
+
+
+def probe_image(path: Path, size: int = 64) -> Path:
+    """A deterministic colour-gradient PNG (no randomness, no download)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    rgb = np.stack([x, y, 1.0 - (x + y) / 2], axis=-1) * 255
+    Image.fromarray(rgb.astype(np.uint8), "RGB").save(path)
+    return path
+
+
+def probe_conversations(image: Path) -> list[Any]:
+    """Two image questions and one text-only row, so both experts and left padding are exercised."""
+    from data_formats.schema import Conversation, Message
+
+    rows = [Conversation(f"probe{i}", [str(image)], [Message("user", q)]) for i, q in enumerate(PROBE_QUESTIONS)]
+    rows.append(Conversation("probe-text", [], [Message("user", "Say hello.")]))
+    return rows
+
+
+def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> dict[str, Any]:
+    """Probe batch built with the run's template by processing: left padded, as at generation time."""
+    from finetune.processing_cogvlm import CogVLMCollator
+
+    convs = probe_conversations(probe_image(workdir / "probe.png"))
+    collator = CogVLMCollator(tokenizer, config, template_version=template, padding_side="left",
+                              add_generation_prompt=True)
+    batch = collator(convs)
+    return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
+
+
+def probe_logits(model: Any, probe: dict[str, Any]) -> Any:
+    """(B, L, V) fp32 logits on CPU for the probe batch."""
+    import torch
+
+    from finetune.generation import prepare_batch
+
+    with torch.no_grad():
+        return model(**prepare_batch(model, probe)).logits.float().cpu()
+
+
+def compare_logits(got: Any, ref: Any, mask: Any) -> dict[str, float]:
+    """max/mean |got - ref| and top-1 agreement over unpadded positions; the reference's scale for tolerances."""
+    keep = mask.bool()
+    diff = (got - ref).abs()[keep]  # (N, V)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "ref_max_abs": float(ref[keep].abs().max()), "ref_mean_abs": float(ref[keep].abs().mean()),
+            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1))[keep].float().mean())}
+
+
+def passes(stats: dict[str, float], dtype: str, quant: QuantMode | None) -> tuple[bool, str]:
+    """(ok, the rule applied as text) for a comparison."""
+    if quant is None:
+        bound = MERGE_TOLERANCE[dtype] * max(1.0, stats["ref_max_abs"])
+        return stats["max_abs_diff"] <= bound, f"max abs diff <= {bound:.3g} ({dtype} tolerance)"
+    bound = QUANT_TOLERANCE[quant] * stats["ref_mean_abs"]
+    return stats["mean_abs_diff"] <= bound, f"mean abs diff <= {bound:.3g} ({quant} tolerance)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '300KB' / '1000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if m is None:
+        raise ValueError(f"bad size {text!r}; use e.g. 5GB, 500MB, 300KB")
+    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def write_shards(state_dict: dict[str, Any], folder: Path, max_shard_bytes: int) -> dict[str, Any]:
+    """Official layout: `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, keys in model order."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Any]] = [{}]
+    size = total = 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.detach().contiguous().cpu()
+        size += nbytes
+        total += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def checkpoint_keys(checkpoint_dir: Path) -> set[str]:
+    """Tensor names stored in a checkpoint folder (index when present, else the safetensors headers)."""
+    from safetensors import safe_open
+
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    keys: set[str] = set()
+    for f in checkpoint_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            keys |= set(fh.keys())
+    return keys
+
+
+def write_side_files(folder: Path, base_dir: Path, tokenizer: Any, dtype: str, info: dict[str, Any]) -> None:
+    """config.json (the base's fields, torch_dtype set), generation_config.json, tokenizer, other base files,
+    and cogtune.json (template and origin) - everything a loader or lmdeploy looks for beside the weights."""
+    cfg = _read_json(base_dir / "config.json")
+    cfg["torch_dtype"] = dtype
+    if "dtype" in cfg:
+        cfg["dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", folder / "generation_config.json")
+    tokenizer.save_pretrained(str(folder))
+    for f in sorted(base_dir.iterdir()):
+        if (f.is_file() and f.name not in SKIP_BASE_FILES and not f.name.endswith(WEIGHT_SUFFIXES)
+                and not (folder / f.name).exists()):
+            shutil.copy2(f, folder / f.name)
+    (folder / "cogtune.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def staging_dir(out: Path, tag: str = "partial") -> Path:
+    """A hidden folder beside `out` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{tag}-"))
+
+
+def check_output(out: Path, force: bool, protected: list[Path]) -> None:
+    """Refuse to replace an existing output without --force, and ever to replace an input folder."""
+    resolved = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if resolved == p or p.is_relative_to(resolved):
+            raise ValueError(f"--out {out} is (or contains) the input folder {p}; choose another output folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"output {out} already exists and is not empty; pass --force to replace it "
+                              "(it is replaced only after the new one is written and verified)")
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old output (--force) is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "x")
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_in_fresh_process(folder: Path, probe_file: Path, dtype: str, quant: QuantMode | None,
+                            log: Callable[[str], None]) -> dict[str, Any]:
+    """Reload `folder` in a new Python process (strict keys, its own tokenizer and template) and compare logits."""
+    report = probe_file.with_suffix(f".{quant or 'merged'}.json")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    cmd = [sys.executable, "-m", "adapters.merge", str(folder), "--probe", str(probe_file), "--report", str(report),
+           "--dtype", dtype] + (["--quant", quant] if quant else [])
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not report.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"the written folder {folder} failed to reload in a fresh process:\n{tail}")
+    result = json.loads(report.read_text())
+    result["reload_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def format_stats(label: str, s: dict[str, Any]) -> str:
+    return (f"{label}: max abs diff {s['max_abs_diff']:.3e}, mean abs diff {s['mean_abs_diff']:.3e} "
+            f"(reference logits: max |x| {s['ref_max_abs']:.2f}, mean |x| {s['ref_mean_abs']:.3f}), "
+            f"top-1 agreement {100 * s['top1_agreement']:.1f}%")
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    dtype: str
+    stats: dict[str, Any]
+    adapter_effect: float
+    quant_stats: dict[str, Any] | None = None
+
+
+def merge_adapter(
+    source: str | Path | AdapterSource,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    quantize: QuantMode | None = None,
+    max_shard_size: str = "5GB",
+    log: Callable[[str], None] = print,
+) -> MergeReport:
+    """Merge, write the official layout, verify in a fresh process, then publish `out` (see module docstring).
+
+    `dtype`: bfloat16 / float16 / float32 (default: the dtype the base was saved in). `quantize`: additionally
+    quantize the verified merged weights with bitsandbytes (vision tower and GLU adapter stay unquantized).
+    """
+    import torch
+
+    src = source if isinstance(source, AdapterSource) else resolve_adapter(source)
+    out = Path(out)
+    base_dir = resolve_base(src, base)
+    check_output(out, force, [base_dir, src.adapter_dir])
+    dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(base_dir)
+    if dtype not in MERGE_TOLERANCE:
+        raise ValueError(f"dtype {dtype!r} is not one of bf16, fp16, fp32")
+    if src.meta.get("quant_mode", "none") != "none":
+        log(f"note: the adapter was trained on a {src.meta['quant_mode']}-quantized base (QLoRA); it is merged "
+            f"into the UNquantized base in {dtype}, and verified against that")
+    if not src.meta:
+        log(f"warning: {src.adapter_dir} has no run.json/cogtune.json; family and config hash cannot be checked, "
+            "only that every adapter tensor fits a base layer")
+
+    staging = staging_dir(out)
+    hp_dir = staging_dir(out, "merged") if quantize else staging
+    work = Path(tempfile.mkdtemp(prefix="cogtune-merge-"))
+    try:
+        # ---- Base + adapter (reference) ----
+        t0 = time.time()
+        model = load_base(base_dir, dtype)
+        config = model.config
+        model = attach_adapters(model, [("default", src)], base_dir)
+        tokenizer = load_tokenizer_for(src, base_dir, config)
+        template = template_for(src, config)
+        log(f"loaded base {base_dir} (CogVLM{config.cogvlm_version}, {dtype}, unquantized) + adapter "
+            f"{src.adapter_dir} in {time.time() - t0:.1f}s; template '{template}'")
+        probe = build_probe(tokenizer, config, template, work)
+        reference = probe_logits(model, probe)
+        with model.disable_adapter():
+            base_logits = probe_logits(model, probe)
+        effect = compare_logits(reference, base_logits, probe["attention_mask"])["max_abs_diff"]
+        torch.save({**probe, "reference": reference, "template": template}, work / "probe.pt")
+
+        # ---- Merge and write ----
+        merged = model.merge_and_unload()
+        state = merged.state_dict()
+        expected = checkpoint_keys(base_dir)
+        if expected and set(state) != expected:
+            extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+            raise RuntimeError(f"merged keys differ from the base checkpoint's: extra {extra[:5]}, missing "
+                               f"{missing[:5]}; the merge left adapter modules behind")
+        info = {"format": "merged", "family_version": config.cogvlm_version, "template_version": template,
+                "image_tokens": config.image_tokens, "dtype": dtype, "base_checkpoint": str(base_dir.resolve()),
+                "adapter": str(src.adapter_dir.resolve()), "adapter_meta": src.meta}
+        write_shards(state, hp_dir, parse_size(max_shard_size))
+        del state, merged, model
+        write_side_files(hp_dir, base_dir, tokenizer, dtype, info)
+
+        # ---- Verify (fresh process) ----
+        stats = verify_in_fresh_process(hp_dir, work / "probe.pt", dtype, None, log)
+        ok, rule = passes(stats, dtype, None)
+        log(format_stats("merged vs base+adapter", stats) + f"; adapter effect on logits: max {effect:.3e}")
+        log(f"fresh-process reload: strict keys OK, probe answer {stats['probe_answer']!r} "
+            f"({stats['reload_seconds']}s)")
+        if not ok:
+            raise RuntimeError(f"verification FAILED: {rule} does not hold; the merged weights differ from base + "
+                               "adapter. Nothing was written to the output.")
+        log(f"verification passed: {rule}")
+        quant_stats = None
+
+        # ---- Optional bnb quantization of the verified merge ----
+        if quantize:
+            from finetune.config import QuantSection
+            from finetune.loading import to_bnb_config
+
+            bnb = to_bnb_config(QuantSection(mode=quantize), getattr(torch, dtype))
+            qmodel = load_base(hp_dir, dtype, quantization_config=bnb)
+            qmodel.save_pretrained(str(staging), max_shard_size=max_shard_size)
+            del qmodel
+            for f in hp_dir.iterdir():
+                if not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in ("config.json", *SKIP_BASE_FILES):
+                    shutil.copy2(f, staging / f.name)
+            qinfo = {**info, "format": f"bnb-{'4bit' if quantize == 'nf4' else '8bit'}", "quant_mode": quantize}
+            (staging / "cogtune.json").write_text(json.dumps(qinfo, indent=2) + "\n")
+            quant_stats = verify_in_fresh_process(staging, work / "probe.pt", dtype, quantize, log)
+            ok, rule = passes(quant_stats, dtype, quantize)
+            log(format_stats(f"{quantize} export vs base+adapter", quant_stats))
+            if not ok:
+                raise RuntimeError(f"quantized verification FAILED: {rule} does not hold. Nothing was written.")
+            log(f"quantized verification passed: {rule}")
+
+        publish(staging, out)
+        log(f"wrote {out}")
+        return MergeReport(out, dtype, stats, effect, quant_stats)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if hp_dir != staging:
+            shutil.rmtree(hp_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fresh-process verification entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def verify_main(argv: list[str]) -> int:
+    """Load FOLDER as a user would (strict keys, its tokenizer, its cogtune.json template), compare, probe-generate."""
+    import torch
+
+    from finetune.generation import generate_answers
+    from finetune.tokenization import load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m adapters.merge")
+    p.add_argument("folder")
+    p.add_argument("--probe", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--quant", default=None)
+    args = p.parse_args(argv)
+    folder = Path(args.folder)
+    model = load_base(folder, args.dtype)  # quantized folders carry their quantization_config
+    tokenizer = load_tokenizer(folder, None, model.config)
+    probe = torch.load(args.probe, weights_only=False)
+    got = probe_logits(model, probe)
+    stats = compare_logits(got, probe["reference"], probe["attention_mask"])
+    template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
+    convs = probe_conversations(Path(args.probe).with_name("probe.png"))
+    stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
+                                             max_new_tokens=8)[0]
+    Path(args.report).write_text(json.dumps(stats))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cogtune merge", description=__doc__.splitlines()[0])
+    p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="run folder (run.json + adapter/) or adapter folder")
+    p.add_argument("--base", default=None, help="base checkpoint (default: the one recorded in run.json)")
+    p.add_argument("--out", required=True, help="output folder (written beside, renamed when verified)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: the dtype the base was saved in)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    try:
+        merge_adapter(args.source, args.out, base=args.base, dtype=args.dtype, force=args.force,
+                      max_shard_size=args.max_shard_size)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(verify_main(sys.argv[1:]))

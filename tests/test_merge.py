@@ -1,0 +1,156 @@
+"""merge: parity with base + adapter (LoRA and QLoRA), refusals, atomic output, strict reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import merge as merge_mod
+from adapters.merge import AdapterMismatch, merge_adapter, resolve_adapter
+
+TARGETS = (r"model\.layers\.\d+\.(self_attn\.(language|vision)_expert_(query_key_value|dense)"
+           r"|mlp\.(language|vision)_mlp\.(gate|up|down)_proj)|model\.vision\.linear_proj\.(linear_proj|gate_proj)")
+
+
+def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, template: str = "chat",
+             scale: float = 0.05) -> Path:
+    """A run folder as the trainer writes it: adapter/ (PEFT + tokenizer) and run.json; LoRA B perturbed."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.config import QuantSection
+    from finetune.loading import to_bnb_config
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.recipe import config_hash
+    from finetune.tokenization import load_tokenizer
+
+    kwargs = {"dtype": torch.float32}
+    if quant != "none":
+        kwargs["quantization_config"] = to_bnb_config(QuantSection(mode=quant), torch.float32)
+    model = CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    run = root
+    run.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(run / "adapter"))
+    load_tokenizer(base_dir, None, model.config).save_pretrained(str(run / "adapter"))
+    info = {"family_version": model.config.cogvlm_version, "base_checkpoint": str(base_dir),
+            "base_config_hash": config_hash(base_dir), "tokenizer_dir": None, "template_version": template,
+            "image_tokens": model.config.image_tokens, "quant_mode": quant, "targets": ["custom"]}
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {v: make_run(root / f"lora{v}", tiny_checkpoints[v], seed=v) for v in (1, 2)}
+
+
+def test_merge_parity_lora_and_strict_reload(runs, tiny_checkpoints, tmp_path, version):
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+
+    logs: list[str] = []
+    out = tmp_path / "merged"
+    rep = merge_adapter(runs[version], out, max_shard_size="200KB", log=logs.append)
+    assert rep.stats["max_abs_diff"] < 1e-4 < rep.adapter_effect  # the adapter matters, the merge reproduces it
+    text = "\n".join(logs)
+    assert "max abs diff" in text and "verification passed" in text
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert set(index["weight_map"]) == merge_mod.checkpoint_keys(tiny_checkpoints[version])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float32" and cfg["cogvlm_version"] == version
+    for name in ("generation_config.json", "tokenizer.json", "cogtune.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "cogtune.json").read_text())["template_version"] == "chat"
+    CogVLMForCausalLM.from_pretrained(str(out))  # strict=True by default: any missing/unexpected key raises
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_merge_copies_code_files_and_bf16(runs, tiny_checkpoints, tmp_path):
+    base = tmp_path / "base"
+    import shutil
+
+    shutil.copytree(tiny_checkpoints[2], base)
+    (base / "modeling_cogvlm.py").write_text("# remote code\n")
+    (base / "README.md").write_text("readme\n")
+    run = make_run(tmp_path / "run", base, seed=3)
+    rep = merge_adapter(run, tmp_path / "out", dtype="bf16", log=lambda s: None)
+    assert rep.dtype == "bfloat16" and rep.stats["max_abs_diff"] <= 5e-2 * max(1, rep.stats["ref_max_abs"])
+    assert (tmp_path / "out" / "modeling_cogvlm.py").read_text() == "# remote code\n"
+    assert (tmp_path / "out" / "README.md").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_qlora_adapter_merges_into_unquantized_base(tiny_checkpoints, tmp_path):
+    run = make_run(tmp_path / "qrun", tiny_checkpoints[2], quant="nf4", seed=4)
+    logs: list[str] = []
+    rep = merge_adapter(run, tmp_path / "out", log=logs.append)
+    assert any("QLoRA" in line for line in logs)
+    assert rep.stats["max_abs_diff"] < 1e-4 < rep.adapter_effect
+
+
+def test_refuses_mismatched_base(runs, tiny_checkpoints, tmp_path):
+    from finetune.tiny import make_tiny
+
+    other = make_tiny(2, tmp_path / "other", seed=0, hidden_size=96)  # same family, other config
+    with pytest.raises(AdapterMismatch, match="config hash") as err:
+        merge_adapter(runs[2], tmp_path / "out", base=other, log=lambda s: None)
+    assert "Linear" in str(err.value)  # adapter shapes do not fit either: all problems reported at once
+    with pytest.raises(AdapterMismatch, match="CogVLM2 .*CogVLM1|trained on CogVLM2"):
+        merge_adapter(runs[2], tmp_path / "out", base=tiny_checkpoints[1], log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+    assert merge_mod.main([str(runs[2]), "--base", str(tiny_checkpoints[1]), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_failure_mid_merge_leaves_nothing(runs, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(merge_mod, "write_shards", boom)
+    with pytest.raises(OSError, match="injected"):
+        merge_adapter(runs[1], tmp_path / "out", log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_nothing(runs, tmp_path, monkeypatch):
+    real = merge_mod.write_shards
+
+    def corrupt(state, folder, size):
+        key = next(k for k in state if "language_expert_query_key_value" in k)
+        state = {**state, key: state[key] + 0.5}
+        return real(state, folder, size)
+
+    monkeypatch.setattr(merge_mod, "write_shards", corrupt)
+    with pytest.raises(RuntimeError, match="verification FAILED"):
+        merge_adapter(runs[1], tmp_path / "out", log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(runs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        merge_adapter(runs[1], out, log=lambda s: None)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_adapter(runs[1], out, force=True, log=lambda s: None)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(ValueError, match="input folder"):
+        merge_adapter(runs[1], runs[1] / "adapter", force=True, log=lambda s: None)
+
+
+def test_resolve_adapter_forms(runs, tmp_path):
+    src = resolve_adapter(runs[1])
+    assert src.adapter_dir == runs[1] / "adapter" and src.meta["family_version"] == 1
+    assert resolve_adapter(runs[1] / "adapter").meta == src.meta  # adapter folder: run.json beside it
+    with pytest.raises(FileNotFoundError, match="neither a run folder"):
+        resolve_adapter(tmp_path)
