@@ -559,13 +559,26 @@ def merge_adapter(
 # --------------------------------------------------------------------------------------------------
 
 
-def verify_main(argv: list[str]) -> int:
-    """Load FOLDER as a user would (strict keys, its tokenizer, its cogtune.json template), compare, probe-generate."""
+def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
+    """Load `folder` as a user would (strict keys, its tokenizer, its cogtune.json template); compare; generate."""
     import torch
 
     from finetune.generation import generate_answers
     from finetune.tokenization import load_tokenizer
 
+    model = load_base(folder, dtype)  # quantized folders carry their quantization_config
+    tokenizer = load_tokenizer(folder, None, model.config)
+    probe = torch.load(probe_file, weights_only=False)
+    stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
+    template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
+    convs = probe_conversations(Path(probe_file).with_name("probe.png"))
+    stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
+                                             max_new_tokens=8)[0]
+    return stats
+
+
+def verify_main(argv: list[str]) -> int:
+    """Entry point of the fresh verification process: writes verify_folder's numbers to --report."""
     p = argparse.ArgumentParser(prog="python -m adapters.merge")
     p.add_argument("folder")
     p.add_argument("--probe", required=True)
@@ -573,16 +586,7 @@ def verify_main(argv: list[str]) -> int:
     p.add_argument("--dtype", required=True)
     p.add_argument("--quant", default=None)
     args = p.parse_args(argv)
-    folder = Path(args.folder)
-    model = load_base(folder, args.dtype)  # quantized folders carry their quantization_config
-    tokenizer = load_tokenizer(folder, None, model.config)
-    probe = torch.load(args.probe, weights_only=False)
-    got = probe_logits(model, probe)
-    stats = compare_logits(got, probe["reference"], probe["attention_mask"])
-    template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
-    convs = probe_conversations(Path(args.probe).with_name("probe.png"))
-    stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
-                                             max_new_tokens=8)[0]
+    stats = verify_folder(Path(args.folder), Path(args.probe), args.dtype)
     Path(args.report).write_text(json.dumps(stats))
     return 0
 

@@ -47,6 +47,15 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
     return run
 
 
+@pytest.fixture()
+def in_process_verify(monkeypatch):
+    """Verification without the fresh process (~5 s of imports each); the parity tests keep the real one."""
+    def verify(folder, probe_file, dtype, quant, log):
+        return {**merge_mod.verify_folder(folder, probe_file, dtype), "reload_seconds": 0.0}
+
+    monkeypatch.setattr(merge_mod, "verify_in_fresh_process", verify)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -75,7 +84,7 @@ def test_merge_parity_lora_and_strict_reload(runs, tiny_checkpoints, tmp_path, v
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_merge_copies_code_files_and_bf16(runs, tiny_checkpoints, tmp_path):
+def test_merge_copies_code_files_and_bf16(runs, tiny_checkpoints, tmp_path, in_process_verify):
     base = tmp_path / "base"
     import shutil
 
@@ -90,7 +99,7 @@ def test_merge_copies_code_files_and_bf16(runs, tiny_checkpoints, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_qlora_adapter_merges_into_unquantized_base(tiny_checkpoints, tmp_path):
+def test_qlora_adapter_merges_into_unquantized_base(tiny_checkpoints, tmp_path, in_process_verify):
     run = make_run(tmp_path / "qrun", tiny_checkpoints[2], quant="nf4", seed=4)
     logs: list[str] = []
     rep = merge_adapter(run, tmp_path / "out", log=logs.append)
@@ -121,7 +130,7 @@ def test_failure_mid_merge_leaves_nothing(runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_verification_leaves_nothing(runs, tmp_path, monkeypatch):
+def test_failed_verification_leaves_nothing(runs, tmp_path, in_process_verify, monkeypatch):
     real = merge_mod.write_shards
 
     def corrupt(state, folder, size):
@@ -135,7 +144,7 @@ def test_failed_verification_leaves_nothing(runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_force(runs, tmp_path):
+def test_existing_output_needs_force(runs, tmp_path, in_process_verify):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
