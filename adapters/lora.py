@@ -14,12 +14,12 @@ if TYPE_CHECKING:
     from finetune.config import LoraSection
 
 
-def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str]]]:
-    """(peft.LoraConfig, target -> matched module names) for this model. Zero matches raise ValueError."""
+def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str]], list[str]]:
+    """(peft.LoraConfig, target -> matched names, skipped names) for this model. Zero matches raise ValueError."""
     from peft import LoraConfig
 
     names = [n for n, _ in model.named_modules()]
-    pattern, matches = resolve_targets(lora.targets, names, linear_module_names(model))
+    pattern, matches, skipped = resolve_targets(lora.targets, names, linear_module_names(model))
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -32,7 +32,7 @@ def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return config, matches
+    return config, matches, skipped
 
 
 def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, log=print):
@@ -43,8 +43,8 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    config, matches = to_peft_config(lora, model)
-    log("LoRA targets:\n" + match_report(matches))
+    config, matches, skipped = to_peft_config(lora, model)
+    log("LoRA targets:\n" + match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
     log(parameter_table(model, matched, lora.r, resolve_modules_to_save(lora.modules_to_save)))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):

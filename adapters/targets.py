@@ -73,20 +73,40 @@ def target_pattern(target: str) -> str:
     return target
 
 
-def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
-                    linear_names: Iterable[str] | None = None) -> tuple[str, dict[str, list[str]]]:
-    """(combined fullmatch regex for peft, target -> matched module names). Zero matches is an error.
+def gradient_free(names: Iterable[str]) -> list[str]:
+    """Modules whose LoRA could never train: the LAST decoder layer's vision-expert dense and MLP.
 
-    `linear_names` (defaults to all names) restricts matches to modules LoRA can wrap.
+    They only transform image positions of the last layer, whose outputs feed nothing but the logits
+    at image positions, and those are always labelled -100 (attention reads the layer's *input*).
+    """
+    names = list(names)
+    layers = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
+    if not layers:
+        return []
+    last = max(layers)
+    dead = rf"model\.layers\.{last}\.(?:self_attn\.vision_expert_dense|mlp\.vision_mlp\.(?:gate|up|down)_proj)"
+    return [n for n in names if re.fullmatch(dead, n)]
+
+
+def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
+                    linear_names: Iterable[str] | None = None) -> tuple[str, dict[str, list[str]], list[str]]:
+    """(fullmatch regex for peft, target -> matched module names, matched-but-skipped names).
+
+    `linear_names` (defaults to all names) restricts matches to modules LoRA can wrap. Modules that
+    can never receive a gradient (`gradient_free`) are left out of the regex and returned as skipped.
+    Zero matches for any target is an error naming the nearest module names.
     """
     names = list(module_names)
     candidates = list(linear_names) if linear_names is not None else names
+    dead = set(gradient_free(candidates))
     matches: dict[str, list[str]] = {}
+    skipped: list[str] = []
     problems = []
     for target in expand(targets):
         pattern = target_pattern(target)
         hit = [n for n in candidates if re.fullmatch(pattern, n)]
-        matches[target] = hit
+        skipped += [n for n in hit if n in dead and n not in skipped]
+        matches[target] = [n for n in hit if n not in dead]
         if not hit:
             near = difflib.get_close_matches(target, candidates, n=5, cutoff=0.0)
             kind = "preset" if target in PRESETS else "regex"
@@ -95,8 +115,10 @@ def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
                             f"Presets: {', '.join([*PRESETS, *GROUPS])}")
     if problems:
         raise ValueError("\n".join(problems))
-    combined = "|".join(f"(?:{target_pattern(t)})" for t in matches)
-    return combined, matches
+    union = "|".join(f"(?:{target_pattern(t)})" for t in matches)
+    exclude = "|".join(re.escape(n) for n in skipped)
+    combined = f"(?!(?:{exclude})$)(?:{union})" if exclude else union
+    return combined, matches, skipped
 
 
 def resolve_modules_to_save(names: Iterable[str]) -> list[str]:
@@ -148,12 +170,16 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
     return "\n".join(lines)
 
 
-def match_report(matches: dict[str, list[str]]) -> str:
-    """One line per target: how many modules, and an example name."""
+def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> str:
+    """One line per target: how many modules, and an example name; then what was skipped and why."""
     lines = []
     for target, hit in matches.items():
         example = hit[0] if hit else "-"
         lines.append(f"  {target:<24} {len(hit):>5} modules   e.g. {example}")
+    skipped = list(skipped)
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} module(s) that can never train (last layer's vision-expert dense/MLP "
+                     f"only feed image-position logits, which carry no loss): {', '.join(skipped)}")
     return "\n".join(lines)
 
 
@@ -173,12 +199,12 @@ def main(argv: list[str]) -> int:
 
     model = build_meta_model(cfg.model.checkpoint_dir)
     try:
-        _, matches = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                     linear_module_names(model))
+        _, matches, skipped = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
+                                              linear_module_names(model))
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    print(match_report(matches))
+    print(match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
     print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save)))
     return 0

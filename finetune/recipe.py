@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(cfg: RunConfig, log=print) -> Path:
-    """Run one recipe end to end; returns the run folder."""
+def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
+    """Run one recipe end to end; returns the run folder. `callbacks` are extra TrainerCallbacks."""
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -120,7 +120,7 @@ def train(cfg: RunConfig, log=print) -> Path:
     )
     loss_func = make_loss_func(model, skip_nonfinite=cfg.train.skip_nonfinite)
     callbacks = [ThroughputCallback(loss_func), EvalCallback(cfg, eval_ds, eval_convs, collator, tokenizer, template,
-                                                             out, log=log)]
+                                                             out, log=log), *(callbacks or [])]
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                       compute_loss_func=loss_func, callbacks=callbacks)
     if cfg.lora.loraplus_lr_ratio:

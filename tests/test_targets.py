@@ -23,7 +23,9 @@ def meta_model(request):
 
 
 def _resolve(model, targets):
-    return resolve_targets(targets, [n for n, _ in model.named_modules()], linear_module_names(model))
+    pattern, matches, _ = resolve_targets(targets, [n for n, _ in model.named_modules()],
+                                          linear_module_names(model))
+    return pattern, matches
 
 
 @pytest.mark.parametrize(
@@ -38,7 +40,9 @@ def _resolve(model, targets):
 def test_expert_presets_match_only_their_expert(meta_model, preset, per_layer, prefix):
     _, matches = _resolve(meta_model, [preset])
     hit = matches[preset]
-    assert len(hit) == per_layer * meta_model.config.num_hidden_layers
+    # the last layer's vision-expert dense and MLP get no gradient and are skipped (see gradient_free)
+    dead = {"vision_expert_attn": 1, "vision_expert_mlp": 3}.get(preset, 0)
+    assert len(hit) == per_layer * meta_model.config.num_hidden_layers - dead
     assert all(re.match(prefix, n) for n in hit)
     assert not any(n.startswith("model.vision.") for n in hit)
 
@@ -87,3 +91,25 @@ def test_parameter_table_counts_lora_params(meta_model):
 def test_presets_are_anchored():
     for name, pattern in PRESETS.items():
         assert pattern.startswith(("model\\.layers\\.", "model\\.vision\\.")), name
+
+
+def test_gradient_free_modules_really_get_no_gradient():
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(tiny_config(2))
+    names = [n for n, _ in model.named_modules()]
+    dead = resolve_targets(["vision_expert"], names, linear_module_names(model))[2]
+    assert sorted(n.rsplit(".", 1)[1] for n in dead) == ["down_proj", "gate_proj", "up_proj", "vision_expert_dense"]
+    n_img, s = model.config.image_tokens, model.config.vision_config["image_size"]
+    ids = torch.randint(3, 100, (1, 1 + n_img + 6))
+    tt = torch.zeros_like(ids)
+    tt[0, 1:1 + n_img] = 1
+    labels = ids.clone()
+    labels[0, : 1 + n_img] = -100
+    model(input_ids=ids, token_type_ids=tt, images=torch.randn(1, 3, s, s), labels=labels).loss.backward()
+    modules = dict(model.named_modules())
+    for n in dead:
+        assert torch.count_nonzero(modules[n].weight.grad) == 0, n
+    live = modules[dead[0].replace(f"layers.{model.config.num_hidden_layers - 1}.", "layers.0.")]
+    assert torch.count_nonzero(live.weight.grad) > 0

@@ -1,0 +1,139 @@
+"""The trainer end to end on a tiny model: what moves, what must not, resume, QLoRA, the run folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from finetune.config import load_recipe
+from finetune.demo import RECIPE, write_task
+from finetune.recipe import train
+from finetune.tiny import make_tiny
+from finetune.train_utils import make_loss_func
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    base = make_tiny(2, root / "base", seed=1)
+    train_path, eval_path = write_task(root / "data", n_train=24, n_eval=6, seed=1)
+    return base, train_path, eval_path
+
+
+def _cfg(task, out, *extra):
+    base, train_path, eval_path = task
+    return load_recipe(RECIPE, [f"model.checkpoint_dir={base}", f"data.train_path={train_path}",
+                                f"data.eval_path={eval_path}", f"output.dir={out}", "train.max_steps=4",
+                                "train.per_device_train_batch_size=4", "train.logging_steps=1",
+                                "train.report_to=[none]", "eval.generation_rows=2", *extra])
+
+
+class _Snapshot(TrainerCallback):
+    """Copies every parameter at the start and the end of training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_weights_move_and_base_weights_stay_bit_identical(task, tmp_path):
+    snap = _Snapshot()
+    train(_cfg(task, tmp_path / "run", "lora.modules_to_save=[]"), log=lambda *_: None, callbacks=[snap])
+    lora = [n for n in snap.before if "lora_" in n]
+    assert lora and snap.trainable == set(lora)
+    for n in lora:
+        assert not torch.equal(snap.before[n], snap.after[n]), f"{n} did not change"
+    on_disk = {}
+    for shard in task[0].glob("*.safetensors"):
+        on_disk.update({k: v for k, v in load_file(shard).items() if not k.endswith("inv_freq")})  # buffers
+    base = [n for n in snap.before if "lora_" not in n]
+    assert len(base) == len(on_disk)
+    for n in base:
+        assert torch.equal(snap.before[n], snap.after[n]), f"base weight {n} changed"
+        key = n.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(snap.after[n], on_disk[key]), f"{n} differs from the checkpoint"
+
+
+def test_run_folder_contents_and_plain_peft_load(task, tmp_path):
+    out = train(_cfg(task, tmp_path / "run"), log=lambda *_: None)
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "recipe.resolved.yaml",
+                 "run.json", "curves.png"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["template_version"] == "chat" and run["family_version"] == 2 and run["global_step"] == 4
+    assert len(run["base_config_hash"]) == 16
+    assert load_recipe(out / "recipe.resolved.yaml") == _cfg(task, tmp_path / "run")
+
+    from peft import PeftModel
+
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+
+    model = PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(str(task[0])), str(out / "adapter"))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_non_empty_run_folder_is_refused_without_resume(task, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        train(_cfg(task, tmp_path / "run", "output.overwrite=false"), log=lambda *_: None)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_stop_and_resume_equals_uninterrupted(task, tmp_path):
+    common = ("train.max_steps=6", "train.save_steps=3", "eval.generation_rows=0", "data.eval_path=null")
+    full = train(_cfg(task, tmp_path / "full", *common), log=lambda *_: None)
+    part = tmp_path / "part"
+    train(_cfg(task, part, *common), log=lambda *_: None, callbacks=[_StopAt(3)])
+    assert (part / "checkpoint-3").is_dir()
+    resumed = train(_cfg(task, part, *common, "train.resume=auto"), log=lambda *_: None)
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert json.loads((resumed / "run.json").read_text())["global_step"] == 6
+
+
+def test_qlora_nf4_trains_a_few_steps_on_cpu(task, tmp_path):
+    snap = _Snapshot()
+    out = train(_cfg(task, tmp_path / "q", "quant.mode=nf4", "quant.bnb_4bit_compute_dtype=float32",
+                     "lora.modules_to_save=[]", "eval.generation_rows=0"), log=lambda *_: None, callbacks=[snap])
+    assert json.loads((out / "run.json").read_text())["quant_mode"] == "nf4"
+    lora = [n for n in snap.before if "lora_B" in n]
+    assert lora and all(not torch.equal(snap.before[n], snap.after[n]) for n in lora)
+
+
+def test_nonfinite_loss_is_skipped_with_zero_gradients():
+    lin = torch.nn.Linear(4, 8)
+    guard = make_loss_func(lin)
+    logits = lin(torch.randn(1, 3, 4)) * float("nan")
+    loss = guard(type("Out", (), {"logits": logits})(), torch.tensor([[1, 2, 3]]))
+    loss.backward()
+    assert guard.skipped == 1 and float(loss) == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in lin.parameters())
+
+
+def test_check_passes_and_fails_when_loss_cannot_drop(task, tmp_path, capsys):
+    from finetune.check import main
+
+    base, train_path, _ = task
+    args = [str(RECIPE), f"model.checkpoint_dir={base}", f"data.train_path={train_path}", "data.eval_path=null"]
+    assert main(args) == 0
+    assert "check: ok" in capsys.readouterr().out
+    assert main([*args, "train.learning_rate=1e-12"]) == 1
+    assert "did NOT drop" in capsys.readouterr().out
