@@ -1,0 +1,152 @@
+"""`cogtune predict --model DIR [--adapter [NAME=]DIR ...] DATA.jsonl --out PRED.jsonl`: batched answers + metrics.
+
+Generation is `finetune.generation.generate_answers` (left padding, correct masks; a batch gives the same
+answers as one row at a time), so numbers here match the trainer's generation eval. When rows end with an
+assistant turn it is the reference: exact match, and for Cog boxes parse rate and IoU@0.5, are printed and
+written to `PRED.metrics.json`. Several adapters can share one base (`--adapter a=DIR --adapter b=DIR`);
+`--use NAME` picks one without reloading the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .merge import DTYPES, AdapterSource, _read_json, attach_adapters, load_base, resolve_adapter, stored_dtype
+
+
+def parse_adapter_specs(specs: list[str]) -> list[tuple[str, AdapterSource]]:
+    """['name=DIR' or 'DIR', ...] -> [(name, source)]; one unnamed adapter is called 'default'."""
+    out: list[tuple[str, AdapterSource]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            if len(specs) > 1:
+                raise ValueError(f"--adapter {spec}: name each adapter when giving several (--adapter NAME=DIR)")
+            name, path = "default", spec
+        if not name.isidentifier():
+            raise ValueError(f"--adapter {spec}: adapter name {name!r} must be a Python identifier")
+        if name in dict(out):
+            raise ValueError(f"--adapter {spec}: the name {name!r} is used twice")
+        out.append((name, resolve_adapter(path)))
+    return out
+
+
+class InferenceModel:
+    """A base model with zero or more named adapters; switches adapters (and their templates) in place."""
+
+    def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None):
+        from finetune.loading import check_checkpoint_dir
+        from finetune.tokenization import _has_tokenizer, load_tokenizer
+
+        self.model_dir = check_checkpoint_dir(model_dir)
+        self.adapters = parse_adapter_specs(adapter_specs or [])
+        dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
+        model = load_base(self.model_dir, dtype)
+        self.config = model.config
+        folder_meta = _read_json(self.model_dir / "cogtune.json")  # merged/quantized exports record their template
+        self.templates = {None: folder_meta.get("template_version") or self.config.template_version}
+        for name, src in self.adapters:
+            self.templates[name] = src.meta.get("template_version") or self.templates[None]
+        if self.adapters:
+            model = attach_adapters(model, self.adapters, self.model_dir)
+        self.model = model
+        first = self.adapters[0][1].adapter_dir if self.adapters else None
+        self.tokenizer = load_tokenizer(self.model_dir, first if first and _has_tokenizer(first) else None,
+                                        self.config)
+        self.active = self.adapters[0][0] if self.adapters else None
+
+    def use(self, name: str) -> None:
+        """Make adapter `name` active (peft set_adapter: the base stays loaded)."""
+        names = [n for n, _ in self.adapters]
+        if name not in names:
+            raise ValueError(f"no adapter named {name!r}; loaded: {', '.join(names) or 'none'}")
+        self.model.set_adapter(name)
+        self.active = name
+
+    def template(self, requested: str | None = None, warn=None) -> str:
+        """The active adapter's stored template; a different `requested` one is used with a warning."""
+        stored = self.templates[self.active]
+        if requested and requested != stored:
+            who = f"adapter '{self.active}'" if self.active else str(self.model_dir)
+            (warn or _warn)(f"warning: {who} was trained with template '{stored}'; using '{requested}' as asked - "
+                            "answers usually degrade with a template the model was not trained on")
+            return requested
+        return stored
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def reference_of(conv: Any) -> str | None:
+    """The last assistant turn when the row ends with one (the answer to grade against)."""
+    return conv.messages[-1].content if conv.messages and conv.messages[-1].role == "assistant" else None
+
+
+def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: str | None = None,
+            batch_size: int = 8, max_new_tokens: int = 64, image_root: str | None = None,
+            log=print) -> dict[str, Any] | None:
+    """Answer every row of `data`, write PRED.jsonl atomically; returns metrics when references exist."""
+    from tqdm import tqdm
+
+    from data_formats.schema import read_jsonl
+    from finetune.generation import generate_answers, score
+    from finetune.train_utils import write_atomic
+
+    convs, problems = read_jsonl(data, image_root)
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:20])
+        raise ValueError(f"{data}: {len(problems)} problem(s); fix them (or run `cogtune validate`):\n  {shown}")
+    tmpl = im.template(template)
+    log(f"predict: {len(convs)} rows, adapter {im.active or 'none'}, template '{tmpl}', batch size {batch_size}")
+    with tqdm(total=len(convs), desc="predict", unit="row") as bar:
+        answers = generate_answers(im.model, im.tokenizer, convs, template_version=tmpl,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar.update)
+    rows = []
+    for conv, answer in zip(convs, answers):
+        row = {"id": conv.id, "prediction": answer}
+        ref = reference_of(conv)
+        if ref is not None:
+            row["reference"] = ref
+        rows.append(row)
+    out = Path(out)
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    log(f"wrote {len(rows)} predictions to {out}")
+    graded = [r for r in rows if "reference" in r]
+    if not graded:
+        return None
+    metrics = score([r["prediction"] for r in graded], [r["reference"] for r in graded])
+    metrics.update({"adapter": im.active, "template_version": tmpl, "data": str(data)})
+    write_atomic(out.with_name(out.stem + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    log("metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cogtune predict", description=__doc__.splitlines()[0])
+    p.add_argument("data", metavar="DATA.jsonl")
+    p.add_argument("--model", required=True, help="base or merged checkpoint folder")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="adapter (run folder or adapter folder); repeat with NAME=DIR for several")
+    p.add_argument("--use", default=None, help="which named adapter answers (default: the first)")
+    p.add_argument("--out", required=True, help="predictions JSONL (metrics go to OUT.metrics.json)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--template", default=None, help="override the stored template (warns)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+    args = p.parse_args(argv)
+    try:
+        im = InferenceModel(args.model, args.adapter, args.dtype)
+        if args.use:
+            im.use(args.use)
+        predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
