@@ -633,8 +633,15 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        loss_only: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Official signature (spec §1.7-1.8), plus kit extensions documented in docs/CONTRACTS.md.
+
+        `loss_only` (default: True when training with labels): run lm_head only where a label exists and
+        return `logits=None`. Image and prompt positions, most of a CogVLM sequence, carry no label, so
+        this skips a (B, L, V) fp32 tensor and its gradient (~3.6 GB at CogVLM2's 2306-token image span).
+        """
         if use_cache is None:
             use_cache = self.config.use_cache and labels is None and not self.training
         outputs = self.model(
@@ -648,6 +655,17 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
+        if loss_only is None:
+            loss_only = self.training
+        if labels is not None and loss_only:
+            shift_labels = labels[:, 1:].to(hidden_states.device)  # causal shift (spec §1.8)
+            keep = shift_labels != -100  # (B, L-1)
+            picked = self.lm_head(hidden_states[:, :-1][keep]).float()  # (N_labels, V)
+            loss = F.cross_entropy(picked, shift_labels[keep], reduction="sum")
+            denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+            if isinstance(denom, torch.Tensor):
+                denom = denom.to(loss.device)
+            return CausalLMOutputWithPast(loss=loss / denom, logits=None, past_key_values=outputs.past_key_values)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states).float()  # (B, L, V) always fp32 (spec §1.8)

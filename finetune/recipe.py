@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     """Run one recipe end to end; returns the run folder. `callbacks` are extra TrainerCallbacks."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from adapters.lora import apply_lora
@@ -43,9 +43,9 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     from .loading import load_model
     from .train_utils import (
         EvalCallback,
+        GuardedTrainer,
         ThroughputCallback,
         build_datasets,
-        make_loss_func,
         plot_curves,
         write_atomic,
     )
@@ -118,18 +118,18 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not sys.stderr.isatty() and os.environ.get("COGTUNE_TQDM") != "1",
     )
-    loss_func = make_loss_func(model, skip_nonfinite=cfg.train.skip_nonfinite)
-    callbacks = [ThroughputCallback(loss_func), EvalCallback(cfg, eval_ds, eval_convs, collator, tokenizer, template,
-                                                             out, log=log), *(callbacks or [])]
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                      compute_loss_func=loss_func, callbacks=callbacks)
+    throughput = ThroughputCallback()
+    evaluator = EvalCallback(cfg, eval_ds, eval_convs, collator, tokenizer, template, out, log=log)
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                             callbacks=[throughput, evaluator, *(callbacks or [])])
+    trainer.skip_nonfinite = cfg.train.skip_nonfinite
+    throughput.trainer = evaluator.trainer = trainer
     if cfg.lora.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
         trainer.optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.train.learning_rate,
                                                       loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
                                                       weight_decay=cfg.train.weight_decay)
-    callbacks[1].trainer = trainer
 
     # ---- Train ----
     t0 = time.time()
@@ -151,14 +151,14 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
             "targets": cfg.lora.targets,
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
-            "skipped_nonfinite": loss_func.skipped,
+            "skipped_nonfinite": trainer.skipped,
             "wall_seconds": round(wall, 2),
             "versions": library_versions(),
         }
         write_atomic(out / "run.json", json.dumps(run_info, indent=2))
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
-            f"final train loss {result.training_loss:.4f}, skipped non-finite micro-batches: {loss_func.skipped})")
+            f"final train loss {result.training_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
     return out
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -37,37 +37,42 @@ def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, (target != -100).sum()
 
 
-class _LossFunc:
-    """Trainer `compute_loss_func`: token-weighted loss, and a guard against non-finite losses.
+def guard_nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """(loss, skipped): a NaN/inf loss becomes a zero loss disconnected from the activations.
 
-    A micro-batch whose loss is NaN/inf contributes a zero loss that is disconnected from its
-    activations (so no NaN reaches the gradients) and is counted in `skipped`.
+    Multiplying the bad loss by zero would still send NaN into every gradient (0 * NaN = NaN); a zero
+    built from the trainable parameters gives exact zero gradients instead.
+    """
+    if torch.isfinite(loss):
+        return loss, False
+    return sum(p.sum() * 0.0 for p in params), True
+
+
+class GuardedTrainer(Trainer):
+    """transformers' Trainer, changed only in `compute_loss` (its documented extension point).
+
+    The model computes the loss itself (token-weighted through `num_items_in_batch`, lm_head on
+    labelled positions only); this adds the non-finite guard: such micro-batches are skipped and counted.
     """
 
-    def __init__(self, model: torch.nn.Module, skip_nonfinite: bool) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.skip_nonfinite = skip_nonfinite
-        self.skipped = 0
+    skip_nonfinite: bool = True
+    skipped: int = 0
 
-    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        total, count = shifted_token_loss(outputs.logits, labels)
-        denom = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
-        loss = total / denom
-        if self.skip_nonfinite and not torch.isfinite(loss):
-            self.skipped += 1
-            return sum(p.sum() * 0.0 for p in self.params if p.requires_grad)
-        return loss
-
-
-def make_loss_func(model: torch.nn.Module, skip_nonfinite: bool = True) -> _LossFunc:
-    return _LossFunc(model, skip_nonfinite)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if self.skip_nonfinite and model.training:
+            loss, skipped = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
+            self.skipped += skipped
+        return (loss, result[1]) if return_outputs else loss
 
 
 class ThroughputCallback(TrainerCallback):
     """Adds tokens/s, peak memory and the non-finite skip count to every log line (and TensorBoard)."""
 
-    def __init__(self, loss_func: _LossFunc) -> None:
-        self.loss_func = loss_func
+    def __init__(self) -> None:
+        self.trainer: GuardedTrainer | None = None  # set by the recipe once the Trainer exists
         self._t = None
         self._tokens = 0
 
@@ -86,7 +91,8 @@ class ThroughputCallback(TrainerCallback):
             import resource
 
             logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        logs["skipped_nonfinite"] = self.loss_func.skipped
+        if self.trainer is not None:
+            logs["skipped_nonfinite"] = self.trainer.skipped
 
 
 def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
@@ -191,11 +197,10 @@ def token_weighted_eval_loss(model, examples: list, collator, batch_size: int = 
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collator(examples[i:i + batch_size])
-        labels = batch.pop("labels")
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        out = model(**batch)
-        s, n = shifted_token_loss(out.logits, labels)
-        total, count = total + float(s), count + int(n)
+        out = model(**batch, loss_only=True, num_items_in_batch=1)  # summed over label tokens
+        total += float(out.loss)
+        count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
 

@@ -575,3 +575,34 @@ def test_import_finetune_is_lazy():
     code = "import sys, finetune; assert 'torch' not in sys.modules; print(finetune.CogVLMForCausalLM.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "CogVLMForCausalLM"
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_loss_only_path_equals_full_logits_loss(num_items):
+    """Training runs lm_head only on labelled positions; loss and gradients must not change."""
+    from finetune.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = CogVLMForCausalLM(tiny_config(2))
+    n_img, s = model.config.image_tokens, model.config.vision_config["image_size"]
+    ids = torch.randint(3, 100, (2, 1 + n_img + 8))
+    tt = torch.zeros_like(ids)
+    tt[:, 1:1 + n_img] = 1
+    labels = ids.clone()
+    labels[:, : 1 + n_img + 3] = -100
+    labels[1, -2:] = -100
+    images = torch.randn(2, 3, s, s)
+    grads = []
+    for loss_only in (False, True):
+        model.zero_grad()
+        out = model(input_ids=ids, token_type_ids=tt, images=images, labels=labels, loss_only=loss_only,
+                    num_items_in_batch=num_items)
+        out.loss.backward()
+        assert (out.logits is None) == loss_only
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    for n, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][n], atol=1e-6), n
+    model.train()
+    assert model(input_ids=ids, token_type_ids=tt, images=images, labels=labels).logits is None
