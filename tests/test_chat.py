@@ -17,7 +17,8 @@ def test_one_shot_streams_answer(tiny_checkpoints, tmp_path, capsys):
     assert main(["--model", str(tiny_checkpoints[1]), "--adapter", str(run), "--image", str(IMAGE),
                  "--prompt", "What colour?", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() and "trained with template" not in out.err  # streamed text, stored template ('vqa') used silently
+    # streamed text; the stored template (vqa) is used without a warning
+    assert out.out.strip() and "trained with template" not in out.err
     assert main(["--model", str(tiny_checkpoints[1]), "--image", str(tmp_path / "nope.png"), "--prompt", "x"]) == 1
 
 

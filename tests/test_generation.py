@@ -26,8 +26,8 @@ def _conversations() -> list[Conversation]:
 def test_batch_equals_single(version):
     model, tok = build_tiny_model(version), build_tiny_tokenizer(version)
     convs = _conversations()
-    batched = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=6, batch_size=5)
-    single = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=6, batch_size=1)[0]
+    batched = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=4, batch_size=5)
+    single = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=4, batch_size=1)[0]
               for c in convs]
     assert batched == single
     assert all(isinstance(a, str) for a in batched) and any(batched)

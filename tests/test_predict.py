@@ -29,7 +29,7 @@ def test_predict_batch_equals_single_and_metrics(two_runs, tmp_path, capsys):
     for bs in (1, 3):
         out = tmp_path / f"pred{bs}.jsonl"
         assert main([str(DATA), "--model", str(base), "--adapter", str(run_a), "--out", str(out),
-                     "--batch-size", str(bs), "--max-new-tokens", "5"]) == 0
+                     "--batch-size", str(bs), "--max-new-tokens", "3"]) == 0
         outs[bs] = [json.loads(line) for line in out.read_text().splitlines()]
     assert outs[1] == outs[3] and len(outs[1]) == 3
     assert outs[1][0]["reference"] == "A red square."
