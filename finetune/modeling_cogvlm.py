@@ -88,8 +88,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin  # x: (B, heads, L, hd)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32_math: bool = False) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, x: (B, heads, L, hd).
+
+    `fp32_math` reproduces CogVLM2's Triton kernel (util.py, spec §4.3), which upcasts x, cos and sin to
+    fp32 and rounds once on store; CogVLM1's de-tritoned torch RotaryEmbedding (spec §2.4) computes in the
+    activation dtype. Identical in fp32; in bf16 this keeps each family bit-close to its official code.
+    """
+    if fp32_math and x.dtype != torch.float32:
+        return (x.float() * cos.float() + rotate_half(x).float() * sin.float()).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 @dataclass
@@ -167,6 +175,7 @@ class VisionExpertAttention(nn.Module):
         h = config.hidden_size
         qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
+        self.rope_fp32_math = config.cogvlm_version == 2  # Triton rotary upcasts (spec §4.3)
         # Spec §4.2: only CogVLM2's vision-expert QKV has a bias.
         self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
@@ -190,7 +199,7 @@ class VisionExpertAttention(nn.Module):
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         cos, sin = (t.to(q.device) for t in rope)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.rope_fp32_math), apply_rotary(k, cos, sin, self.rope_fp32_math)
         if past_key_values is not None:  # cache holds K/V after RoPE, before GQA expansion (spec §1.9)
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nkv, T, hd)
         rep = self.num_heads // self.num_kv_heads
