@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy exact match {100 * exact['exact_match']:.1f}%")
 
     # ---- 4. merge (verified) and answer one held-out question with the merged model ----
-    from adapters.merge import merge
+    from adapters.merge import merge_adapter
 
-    merged = merge(run, out / "merged")
+    merged = merge_adapter(run, out / "merged", max_shard_size="300KB").out
     merged_model, tokenizer = load_model(type(cfg.model)(checkpoint_dir=str(merged), dtype="float32"))
     sample = prompts[0]
     answer = generate_answers(merged_model, tokenizer, [sample], template_version=template, max_new_tokens=4)[0]
