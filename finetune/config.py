@@ -51,6 +51,7 @@ class DataSection:
     packing: bool = _f(False, "pack several rows into one sequence (padding-free, block-diagonal attention)")
     allow_multi_image: bool = _f(False, "let a row carry several <image> spans (beyond what official models saw)")
     skip_invalid: bool = _f(False, "skip rows that fail validation (counted and reported) instead of stopping")
+    streaming: bool = _f(False, "read the training file lazily (huge files); needs train.max_steps > 0")
     num_workers: int = _f(2, "DataLoader workers that decode and resize images")
 
 
@@ -268,6 +269,8 @@ def _check_values(cfg: RunConfig, source: str) -> list[str]:
         p.append(f"{source}: 'lora.targets' is empty; name presets such as language_expert_attn")
     if cfg.train.learning_rate <= 0:
         p.append(f"{source}: 'train.learning_rate' must be > 0")
+    if cfg.data.streaming and cfg.train.max_steps <= 0:
+        p.append(f"{source}: 'data.streaming' needs 'train.max_steps' > 0 (a stream has no known length)")
     if cfg.data.max_length < 8:
         p.append(f"{source}: 'data.max_length' is {cfg.data.max_length}; too small to hold a prompt")
     if cfg.train.resume not in (None, "auto") and not Path(cfg.train.resume).exists():

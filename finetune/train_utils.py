@@ -171,14 +171,32 @@ def encode_all(convs: list, collator, log=print, what: str = "train") -> list:
 
 
 def build_datasets(cfg, tokenizer, config, template: str, log=print):
-    """(train examples, eval examples or None, eval conversations, collator)."""
+    """(train dataset, eval examples or None, eval conversations, collator).
+
+    Training rows go through `datasets` (finetune/dataset.py): tokenization cached on disk, images decoded
+    lazily in DataLoader workers, optional streaming. Before that the whole file is validated like
+    `cogtune validate` (skipped in streaming mode, where rows are checked as they are read).
+    """
+    from .dataset import build_torch_dataset, encode_jsonl
     from .processing_cogvlm import CogVLMCollator
 
     collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
                               last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
                               allow_multi_image=cfg.data.allow_multi_image)
-    train_convs = read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
-    train = encode_all(train_convs, collator, log, "train")
+    if cfg.data.streaming:
+        log("data.streaming: rows are validated as they are read; invalid or too-long rows are skipped without "
+            "an up-front count (run `cogtune validate` on the file first)")
+    else:
+        read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
+    encoded, stats = encode_jsonl(
+        cfg.data.train_path, tokenizer, family_version=config.cogvlm_version, image_tokens=config.image_tokens,
+        template_version=template, max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
+        allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root, streaming=cfg.data.streaming)
+    if stats is not None:
+        log(f"train: {stats}")
+        if stats.kept == 0:
+            raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
+    train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
     eval_convs, eval_examples = [], None
     if cfg.data.eval_path:
         eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)
