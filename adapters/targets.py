@@ -170,6 +170,28 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
     return "\n".join(lines)
 
 
+def trainable_counts(model, matched: Iterable[str], r: int, modules_to_save: Iterable[str] = ()) -> tuple[int, int]:
+    """(LoRA parameters the adapter adds, parameters trained fully via modules_to_save)."""
+    modules = dict(model.named_modules())
+    lora = sum(r * (modules[n].in_features + modules[n].out_features) for n in matched)
+    save = list(modules_to_save)
+    full = sum(p.numel() for n, p in model.named_parameters()
+               if any(n.startswith(s + ".") or n == s for s in save))
+    return lora, full
+
+
+def memory_plan_for(model, cfg, matched: Iterable[str]):
+    """The recipe's memory plan (finetune/memory.py) for this model's shapes."""
+    from finetune.loading import resolve_dtype
+    from finetune.memory import plan_memory
+
+    lora, full = trainable_counts(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save))
+    dtype = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
+    if cfg.model.dtype == "auto":
+        dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
+    return plan_memory(model, cfg, lora, full, dtype)
+
+
 def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> str:
     """One line per target: how many modules, and an example name; then what was skipped and why."""
     lines = []
@@ -207,4 +229,5 @@ def main(argv: list[str]) -> int:
     print(match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
     print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save)))
+    print(memory_plan_for(model, cfg, matched))
     return 0

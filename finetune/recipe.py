@@ -70,6 +70,16 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     if is_main:
         write_atomic(out / "recipe.resolved.yaml", resolved)
 
+    # ---- Memory plan (meta device: shapes only, before any weight is loaded) ----
+    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
+
+    from .loading import build_meta_model
+
+    meta = build_meta_model(cfg.model.checkpoint_dir)
+    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    log(str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit])))
+    del meta
+
     # ---- Model ----
     model, tokenizer = load_model(cfg.model, cfg.quant)
     config = model.config

@@ -1,0 +1,89 @@
+"""A memory plan before training: will this recipe fit on this card?
+
+An analytic estimate from the module shapes (a meta-device model, no weights) and the recipe: weights at
+their stored precision (nf4/int8 for the quantized language-model linears), trainable parameters with
+gradients and optimizer state, activations kept for backward (per layer, or per layer input with gradient
+checkpointing), the loss logits, and a fixed CUDA/allocator overhead. It is an estimate: the formulas are
+below, and docs/benchmarks.md says how well they agree with measurements where a GPU was available.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GIB = 2**30
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bitsandbytes nf4/fp4: 4 bits + one fp32 absmax per 64 weights; double quantization stores the absmax
+# in 8 bits with an fp32 scale per 256 blocks.
+_NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+_QUANTIZED = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\..*")
+_CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
+
+
+@dataclass
+class MemoryPlan:
+    rows: list[tuple[str, float, str]]  # (item, GiB, how it was counted)
+
+    @property
+    def total_gib(self) -> float:
+        return sum(g for _, g, _ in self.rows)
+
+    def __str__(self) -> str:
+        lines = [f"{'memory plan (estimate, per GPU)':<34}{'GiB':>8}  basis"]
+        lines += [f"{name:<34}{gib:>8.2f}  {basis}" for name, gib, basis in self.rows]
+        lines.append(f"{'total':<34}{self.total_gib:>8.2f}")
+        return "\n".join(lines)
+
+
+def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str) -> MemoryPlan:
+    """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read)."""
+    c = model.config
+    act = _BYTES.get(dtype_name, 2)
+    quant = cfg.quant.mode
+    quant_params = other_params = 0
+    for name, p in model.named_parameters():
+        if quant != "none" and _QUANTIZED.fullmatch(name) and p.dim() == 2:
+            quant_params += p.numel()
+        else:
+            other_params += p.numel()
+    rows: list[tuple[str, float, str]] = []
+    if quant in ("nf4", "fp4"):
+        qb = _NF4_BYTES[cfg.quant.bnb_4bit_use_double_quant]
+        rows.append(("weights: LM linears (4-bit)", quant_params * qb / GIB,
+                     f"{quant_params / 1e9:.2f}B x {qb:.3f} B"))
+    elif quant == "int8":
+        rows.append(("weights: LM linears (int8)", quant_params * 1.0 / GIB, f"{quant_params / 1e9:.2f}B x 1 B"))
+    rows.append((f"weights: rest ({dtype_name})", other_params * act / GIB, f"{other_params / 1e9:.2f}B x {act} B"))
+    state = 2 if "8bit" in cfg.train.optim else 8
+    per = 4 + 4 + state  # fp32 weight + grad + optimizer state
+    rows.append(("trainable: weights+grads+optimizer", (trainable_lora + trainable_full) * per / GIB,
+                 f"{(trainable_lora + trainable_full) / 1e6:.1f}M x {per} B ({cfg.train.optim})"))
+    if trainable_full:
+        rows.append(("modules_to_save: frozen copies", trainable_full * act / GIB, "peft keeps the original"))
+
+    b, seq = cfg.train.per_device_train_batch_size, cfg.data.max_length
+    h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    tokens = b * seq
+    # One decoder layer's saved tensors per token (bf16): norm outputs, QKV, attention output, dense input,
+    # expert gather/scatter copies (~10 H), MLP gate/up/activation/product (4 I); SDPA keeps no L x L matrix.
+    per_layer = tokens * (10 * h + 4 * i) * act
+    if cfg.train.gradient_checkpointing:
+        acts = n_layers * tokens * h * act + per_layer
+        basis = f"{n_layers} layer inputs + 1 layer recomputed, {b}x{seq} tokens"
+    else:
+        acts = n_layers * per_layer
+        basis = f"{n_layers} layers x (10H + 4I) per token, {b}x{seq} tokens"
+    rows.append(("activations: decoder", acts / GIB, basis))
+    vc = c.vision_config
+    n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
+    vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
+    vision_trains = any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets)
+    rows.append(("activations: vision tower", (vc["num_hidden_layers"] if vision_trains and not
+                                                 cfg.train.gradient_checkpointing else 1) * vision_layer / GIB,
+                 "all layers kept (LoRA in the tower)" if vision_trains else "frozen: one layer live at a time"))
+    answer = max(1, seq - c.image_tokens) * b  # label positions at most: the text part of each row
+    rows.append(("loss logits (labelled positions)", answer * c.vocab_size * 4 * 3 / GIB,
+                 f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"))
+    rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
+    return MemoryPlan(rows)
