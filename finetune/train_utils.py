@@ -106,7 +106,8 @@ def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(steps, [h["loss"] for h in log_history if "loss" in h], label="train loss")
+    marker = "o" if len(steps) < 30 else None  # a few points must still show
+    ax1.plot(steps, [h["loss"] for h in log_history if "loss" in h], marker=marker, label="train loss")
     ev = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if ev:
         ax1.plot(*zip(*ev), "o-", label="eval loss (token-weighted)")
@@ -116,7 +117,7 @@ def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
     ax1.grid(alpha=0.3)
     lr = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
     if lr:
-        ax2.plot(*zip(*lr), color="tab:orange")
+        ax2.plot(*zip(*lr), color="tab:orange", marker=marker)
     ax2.set_xlabel("step")
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
