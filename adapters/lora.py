@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import extra_params
 from .targets import linear_module_names, match_report, parameter_table, resolve_modules_to_save, resolve_targets
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str
 
     names = [n for n, _ in model.named_modules()]
     pattern, matches, skipped = resolve_targets(lora.targets, names, linear_module_names(model))
+    modules, _ = extra_params.split_modules_to_save(lora.modules_to_save)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -28,7 +30,7 @@ def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         init_lora_weights=lora.init_lora_weights,
-        modules_to_save=resolve_modules_to_save(lora.modules_to_save) or None,
+        modules_to_save=resolve_modules_to_save(modules) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -46,7 +48,8 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
     config, matches, skipped = to_peft_config(lora, model)
     log("LoRA targets:\n" + match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
-    log(parameter_table(model, matched, lora.r, resolve_modules_to_save(lora.modules_to_save)))
+    modules, params = extra_params.split_modules_to_save(lora.modules_to_save)
+    log(parameter_table(model, matched, lora.r, resolve_modules_to_save(modules) + params))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
@@ -57,4 +60,6 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    extra_params.enable(model, params)  # boi/eoi: bare parameters, trained directly (see extra_params.py)
+    return model

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import extra_params
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 SKIP_BASE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json",
@@ -225,8 +227,18 @@ def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_
     model = PeftModel.from_pretrained(model, str(first.adapter_dir), adapter_name=name, is_trainable=False)
     for name, src in adapters[1:]:
         model.load_adapter(str(src.adapter_dir), adapter_name=name, is_trainable=False)
-    model.set_adapter(adapters[0][0])
+    # Bare parameters trained beside LoRA (boi/eoi, adapters/extra_params.py): kept per adapter, swapped on use.
+    model.cogtune_extra_params = {n: extra_params.read(src.adapter_dir) for n, src in adapters}
+    model.cogtune_base_params = {}
+    use_adapter(model, adapters[0][0])
     return model.eval()
+
+
+def use_adapter(model: Any, name: str) -> None:
+    """Activate adapter `name`: peft's set_adapter plus that adapter's bare parameters (base values otherwise)."""
+    model.set_adapter(name)
+    extra_params.apply(model, model.cogtune_base_params)  # back to the base's own values
+    model.cogtune_base_params = extra_params.apply(model, model.cogtune_extra_params.get(name, {}))
 
 
 def load_tokenizer_for(source: AdapterSource | None, base_dir: Path, config: Any) -> Any:

@@ -15,7 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .merge import DTYPES, AdapterSource, _read_json, attach_adapters, load_base, resolve_adapter, stored_dtype
+from .merge import (
+    DTYPES,
+    AdapterSource,
+    _read_json,
+    attach_adapters,
+    load_base,
+    resolve_adapter,
+    stored_dtype,
+    use_adapter,
+)
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, AdapterSource]]:
@@ -64,7 +73,7 @@ class InferenceModel:
         names = [n for n, _ in self.adapters]
         if name not in names:
             raise ValueError(f"no adapter named {name!r}; loaded: {', '.join(names) or 'none'}")
-        self.model.set_adapter(name)
+        use_adapter(self.model, name)
         self.active = name
 
     def template(self, requested: str | None = None, warn=None) -> str:

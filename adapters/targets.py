@@ -30,8 +30,9 @@ GROUPS: dict[str, list[str]] = {
     "vision_expert": ["vision_expert_attn", "vision_expert_mlp"],
     "experts": ["language_expert_attn", "language_expert_mlp", "vision_expert_attn", "vision_expert_mlp"],
 }
-# modules_to_save presets: trained fully and saved with the adapter. Full dotted names, because
-# peft matches modules_to_save by suffix and `linear_proj` alone would also hit the GLU's inner linear.
+# modules_to_save presets: trained fully and saved with the adapter (boi_eoi: see extra_params.py). Full
+# dotted names, because peft matches modules_to_save by suffix and `linear_proj` alone would also hit the
+# GLU's inner linear.
 SAVE_PRESETS: dict[str, str] = {
     "glu_adapter": "model.vision.linear_proj",
     "embed_tokens": "model.embed_tokens",
@@ -185,7 +186,10 @@ def memory_plan_for(model, cfg, matched: Iterable[str]):
     from finetune.loading import resolve_dtype
     from finetune.memory import plan_memory
 
-    lora, full = trainable_counts(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save))
+    from .extra_params import split_modules_to_save
+
+    modules, params = split_modules_to_save(cfg.lora.modules_to_save)
+    lora, full = trainable_counts(model, matched, cfg.lora.r, resolve_modules_to_save(modules) + params)
     dtype = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     if cfg.model.dtype == "auto":
         dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
@@ -228,6 +232,9 @@ def main(argv: list[str]) -> int:
         return 2
     print(match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
-    print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(cfg.lora.modules_to_save)))
+    from .extra_params import split_modules_to_save
+
+    modules, params = split_modules_to_save(cfg.lora.modules_to_save)
+    print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(modules) + params))
     print(memory_plan_for(model, cfg, matched))
     return 0

@@ -66,7 +66,8 @@ class LoraSection:
     use_rslora: bool = _f(False, "rank-stabilised scaling lora_alpha / sqrt(r)")
     init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = _f(
         True, "true (B = 0), gaussian, pissa or olora initialisation")
-    modules_to_save: list[str] = _f([], "train fully and save: presets glu_adapter, embed_tokens, lm_head, or names")
+    modules_to_save: list[str] = _f(
+        [], "train fully and save: presets glu_adapter, boi_eoi, embed_tokens, lm_head, or module names")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+: learning rate of B = ratio x that of A (e.g. 16)")
 
 

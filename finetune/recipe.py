@@ -38,11 +38,13 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    from adapters import extra_params
     from adapters.lora import apply_lora
 
     from .loading import load_model
     from .train_utils import (
         EvalCallback,
+        ExtraParamsCallback,
         GuardedTrainer,
         ThroughputCallback,
         build_datasets,
@@ -133,6 +135,11 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                              callbacks=[throughput, evaluator, *(callbacks or [])])
     trainer.skip_nonfinite = cfg.train.skip_nonfinite
+    extra = extra_params.split_modules_to_save(cfg.lora.modules_to_save)[1]  # e.g. boi/eoi
+    if extra:
+        trainer.add_callback(ExtraParamsCallback(model, extra))
+        if resume:  # the Trainer restores the peft adapter; bare parameters come from their own file
+            extra_params.apply(model, extra_params.read(resume))
     throughput.trainer = evaluator.trainer = trainer
     if cfg.lora.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
@@ -149,6 +156,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     # ---- Save ----
     if is_main:
         model.save_pretrained(str(out / "adapter"))
+        extra_params.save(model, extra, out / "adapter")
         tokenizer.save_pretrained(str(out / "adapter"))
         run_info = {
             "family_version": config.cogvlm_version,

@@ -68,6 +68,18 @@ class GuardedTrainer(Trainer):
         return (loss, result[1]) if return_outputs else loss
 
 
+class ExtraParamsCallback(TrainerCallback):
+    """Writes bare trained parameters (boi/eoi) into every checkpoint, beside peft's adapter files."""
+
+    def __init__(self, model, names: list[str]) -> None:
+        self.model, self.names = model, names
+
+    def on_save(self, args, state, control, **kwargs):
+        from adapters import extra_params
+
+        extra_params.save(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds tokens/s, peak memory and the non-finite skip count to every log line (and TensorBoard)."""
 

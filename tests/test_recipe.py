@@ -136,3 +136,30 @@ def test_check_passes_and_fails_when_loss_cannot_drop(task, tmp_path, capsys):
     assert "check: ok" in capsys.readouterr().out
     assert main([*args, "train.learning_rate=1e-12"]) == 1
     assert "did NOT drop" in capsys.readouterr().out
+
+
+def test_boi_eoi_train_save_resume_and_merge(task, tmp_path):
+    """boi/eoi are bare parameters: trained beside LoRA, saved next to the adapter, restored on resume and merge."""
+    from adapters import extra_params
+    from adapters.merge import merge_adapter
+    from finetune.modeling_cogvlm import CogVLMForCausalLM
+
+    common = ("lora.modules_to_save=[boi_eoi]", "train.max_steps=6", "train.save_steps=3", "eval.generation_rows=0",
+              "data.eval_path=null")
+    full = train(_cfg(task, tmp_path / "full", *common), log=lambda *_: None)
+    saved = extra_params.read(full / "adapter")
+    base = CogVLMForCausalLM.from_pretrained(str(task[0]))
+    assert set(saved) == {"model.vision.boi", "model.vision.eoi"}
+    assert not torch.equal(saved["model.vision.boi"], base.model.vision.boi.detach())
+    assert (full / "checkpoint-3" / extra_params.FILENAME).is_file()
+
+    part = tmp_path / "part"
+    train(_cfg(task, part, *common), log=lambda *_: None, callbacks=[_StopAt(3)])
+    resumed = train(_cfg(task, part, *common, "train.resume=auto"), log=lambda *_: None)
+    again = extra_params.read(resumed / "adapter")
+    for k in saved:
+        assert torch.allclose(saved[k], again[k], atol=1e-6), k
+
+    merged = merge_adapter(full, tmp_path / "merged", log=lambda *_: None).out
+    m = CogVLMForCausalLM.from_pretrained(str(merged))
+    assert torch.equal(m.model.vision.boi.detach(), saved["model.vision.boi"])
