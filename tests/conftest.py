@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-if not REFERENCE.is_dir():  # checkout outside /work/main: fall back to the absolute shared path
-    REFERENCE = Path("/work/shared/reference")
+# Official config.json files and the CogVLM2 weight map (no weights), copied from the checkpoints' repos.
+REFERENCE = Path(__file__).resolve().parent / "assets" / "reference"
 
 
 def make_inputs(

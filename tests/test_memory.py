@@ -12,7 +12,7 @@ from finetune.configuration_cogvlm import CogVLMConfig
 from finetune.modeling_cogvlm import CogVLMForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT.parent / "shared" / "reference" / "configs" / "cogvlm2-llama3-chat-19B.config.json"
+REF = ROOT / "tests" / "assets" / "reference" / "configs" / "cogvlm2-llama3-chat-19B.config.json"
 
 
 @pytest.fixture(scope="module")
