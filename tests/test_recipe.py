@@ -123,7 +123,7 @@ def test_nonfinite_loss_is_skipped_with_zero_gradients():
     bad = (lin(torch.randn(1, 3, 4)) * float("nan")).sum()
     loss, skipped = guard_nonfinite(bad, list(lin.parameters()))
     loss.backward()
-    assert skipped and float(loss) == 0.0
+    assert skipped and loss.item() == 0.0
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in lin.parameters())
 
 
