@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +54,17 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, Any, list[Problem]]]:
                                          "error", "bad json")]
             return
         yield source, obj, []
+
+
+def map_records(path: Path, image_root: Path | None,
+                convert_row: Callable[[Any, str, Path, str], Record]) -> Iterator[Record]:
+    """Every record of a JSON/JSONL file through `convert_row(obj, source, base_dir, default_id)`.
+
+    Records that could not be read pass through as their problems; ids default to `<file stem>-<n>`.
+    """
+    base_dir = image_root or path.parent
+    for n, (source, obj, problems) in enumerate(iter_json_records(path)):
+        if problems:
+            yield source, None, problems
+            continue
+        yield convert_row(obj, source, base_dir, f"{path.stem}-{n}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_formats.common import Record, iter_json_records
+from data_formats.common import Record, map_records
 from data_formats.sharegpt import convert_row, parse_role_map
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -19,9 +19,4 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 def convert(path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:
     """Rows of a LLaVA JSON/JSONL file; images are relative to `image_root` (default: the file's folder)."""
     roles = parse_role_map(role_map, base=LLAVA_ROLES)
-    base_dir = image_root or path.parent
-    for n, (source, obj, problems) in enumerate(iter_json_records(path)):
-        if problems:
-            yield source, None, problems
-            continue
-        yield convert_row(obj, source, base_dir, roles, f"{path.stem}-{n}")
+    yield from map_records(path, image_root, lambda obj, src, base, row_id: convert_row(obj, src, base, roles, row_id))

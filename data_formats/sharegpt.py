@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_formats.common import Record, iter_json_records, skip
+from data_formats.common import Record, map_records, skip
 from data_formats.schema import Problem, resolve_image_ref
 
 DEFAULT_ROLE_MAP: dict[str, str] = {
@@ -94,9 +94,5 @@ def convert_row(obj: Any, source: str, base_dir: Path, role_map: dict[str, str],
 def convert(path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:
     """Rows of a ShareGPT JSON/JSONL file; images relative to `image_root` (default: the file's folder)."""
     mapping = parse_role_map(role_map)
-    base_dir = image_root or path.parent
-    for n, (source, obj, problems) in enumerate(iter_json_records(path)):
-        if problems:
-            yield source, None, problems
-            continue
-        yield convert_row(obj, source, base_dir, mapping, f"{path.stem}-{n}")
+    yield from map_records(path, image_root,
+                           lambda obj, src, base, row_id: convert_row(obj, src, base, mapping, row_id))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_formats.common import Record, iter_json_records, skip
+from data_formats.common import Record, map_records, skip
 from data_formats.sharegpt import image_list, map_turns
 
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -47,9 +47,4 @@ def convert_row(obj: Any, source: str, base_dir: Path, default_id: str) -> Recor
 
 def convert(path: Path, *, image_root: Path | None = None) -> Iterator[Record]:
     """Rows of a swift JSON/JSONL file."""
-    base_dir = image_root or path.parent
-    for n, (source, obj, problems) in enumerate(iter_json_records(path)):
-        if problems:
-            yield source, None, problems
-            continue
-        yield convert_row(obj, source, base_dir, f"{path.stem}-{n}")
+    yield from map_records(path, image_root, convert_row)
