@@ -301,14 +301,21 @@ def to_yaml(cfg: RunConfig, with_docs: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_recipe_args(argv: list[str], prog: str, description: str) -> tuple[argparse.Namespace, RunConfig]:
+def parse_recipe_args(argv: list[str], prog: str, description: str,
+                      resume_flag: bool = False) -> tuple[argparse.Namespace, RunConfig]:
     """Shared argv handling for verbs that take `RECIPE [key=value ...]`; prints errors and exits 2."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("recipe", help="recipes/<name>.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. lora.r=32")
+    if resume_flag:
+        parser.add_argument("--resume", default=None, metavar="auto|CHECKPOINT",
+                            help="same as train.resume=...: 'auto' continues the latest checkpoint in output.dir")
     args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"train.resume={args.resume}")
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
+        cfg = load_recipe(args.recipe, overrides)
     except ConfigError as err:
         print(f"recipe has {len(err.problems)} problem(s):", file=sys.stderr)
         for line in err.problems:

@@ -23,7 +23,7 @@ RUN_FILES = ("adapter", "recipe.resolved.yaml", "run.json")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _, cfg = parse_recipe_args(argv, "train.py", "train a LoRA/QLoRA adapter from a recipe")
+    _, cfg = parse_recipe_args(argv, "train.py", "train a LoRA/QLoRA adapter from a recipe", resume_flag=True)
     try:
         train(cfg)
     except (ValueError, FileNotFoundError) as err:
@@ -127,7 +127,6 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         report_to=[r for r in cfg.train.report_to if r != "none"] or "none",
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
-        include_num_input_tokens_seen="non_padding",
         disable_tqdm=not sys.stderr.isatty() and os.environ.get("COGTUNE_TQDM") != "1",
     )
     throughput = ThroughputCallback()

@@ -57,8 +57,11 @@ class GuardedTrainer(Trainer):
 
     skip_nonfinite: bool = True
     skipped: int = 0
+    tokens_seen: torch.Tensor | int = 0  # real (non-pad) tokens; attention_mask holds segment ids when packing
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.tokens_seen = self.tokens_seen + (inputs["attention_mask"] > 0).sum().detach()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -89,22 +92,27 @@ class ThroughputCallback(TrainerCallback):
         self._tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._t, self._tokens = time.time(), state.num_input_tokens_seen
+        self._t, self._tokens = time.time(), 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self._t is None or "loss" not in logs:
+        if logs is None or self._t is None or "loss" not in logs or self.trainer is None:
             return
-        now = time.time()
-        logs["tokens_per_s"] = round((state.num_input_tokens_seen - self._tokens) / max(now - self._t, 1e-9), 1)
-        self._t, self._tokens = now, state.num_input_tokens_seen
+        now, seen = time.time(), int(self.trainer.tokens_seen)  # one host sync per log line
+        logs["tokens_seen"] = seen
+        logs["tokens_per_s"] = round((seen - self._tokens) / max(now - self._t, 1e-9), 1)
+        self._t, self._tokens = now, seen
         if torch.cuda.is_available():
             logs["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         else:
             import resource
 
             logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        if self.trainer is not None:
-            logs["skipped_nonfinite"] = self.trainer.skipped
+        logs["skipped_nonfinite"] = self.trainer.skipped
+        bar = next((getattr(cb, "training_bar", None) for cb in self.trainer.callback_handler.callbacks
+                    if getattr(cb, "training_bar", None) is not None), None)
+        if bar is not None:  # the progress bar itself shows throughput and memory
+            mem = logs.get("peak_mem_gb", logs.get("peak_rss_gb"))
+            bar.set_postfix(loss=logs["loss"], tok_s=logs["tokens_per_s"], mem_gb=mem, refresh=False)
 
 
 def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:

@@ -163,3 +163,33 @@ def test_boi_eoi_train_save_resume_and_merge(task, tmp_path):
     merged = merge_adapter(full, tmp_path / "merged", log=lambda *_: None).out
     m = CogVLMForCausalLM.from_pretrained(str(merged))
     assert torch.equal(m.model.vision.boi.detach(), saved["model.vision.boi"])
+
+
+@pytest.mark.parametrize("overrides, check", [
+    (["lora.use_dora=true"], {"use_dora": True}),
+    (["lora.use_rslora=true"], {"use_rslora": True}),
+    (["lora.init_lora_weights=pissa"], {"init_lora_weights": "pissa"}),
+    (["lora.init_lora_weights=olora"], {"init_lora_weights": "olora"}),
+    (["lora.loraplus_lr_ratio=16"], {}),
+    (["quant.mode=int8"], {}),
+    (["train.optim=paged_adamw_8bit"], {}),
+    (["data.packing=true"], {}),
+], ids=["dora", "rslora", "pissa", "olora", "loraplus", "int8", "paged_adamw_8bit", "packing"])
+def test_adapter_variants_train(task, tmp_path, overrides, check):
+    history = []
+
+    class _Keep(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            history.append(dict(logs or {}))
+
+    out = train(_cfg(task, tmp_path / "v", "train.max_steps=2", "lora.modules_to_save=[]", "eval.generation_rows=0",
+                     "data.eval_path=null", *overrides), log=lambda *_: None, callbacks=[_Keep()])
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    for key, value in check.items():
+        assert adapter_cfg[key] == value
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(float(x))) for x in losses)
+    first = next(h for h in history if "tokens_seen" in h)
+    # tokens_seen counts real tokens even when attention_mask holds packed segment ids (1, 2, ...): the first
+    # step saw 4 demo rows of 19-27 tokens each (summing segment ids would count a packed pair ~1.5x)
+    assert 4 * 19 <= first["tokens_seen"] <= 4 * 27
