@@ -181,7 +181,7 @@ def trainable_counts(model, matched: Iterable[str], r: int, modules_to_save: Ite
     return lora, full
 
 
-def memory_plan_for(model, cfg, matched: Iterable[str]):
+def memory_plan_for(model, cfg, matched: list[str]):
     """The recipe's memory plan (finetune/memory.py) for this model's shapes."""
     from finetune.loading import resolve_dtype
     from finetune.memory import plan_memory
@@ -193,7 +193,9 @@ def memory_plan_for(model, cfg, matched: Iterable[str]):
     dtype = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     if cfg.model.dtype == "auto":
         dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
-    return plan_memory(model, cfg, lora, full, dtype)
+    modules = dict(model.named_modules())
+    in_features = sum(modules[n].in_features for n in matched)
+    return plan_memory(model, cfg, lora, full, dtype, lora_in_features=in_features)
 
 
 def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> str:

@@ -183,3 +183,23 @@ def build_torch_dataset(encoded: Any, image_size: int) -> CogVLMDataset | CogVLM
     if isinstance(encoded, IterableDataset):
         return CogVLMIterableDataset(encoded, image_size)
     return CogVLMDataset(encoded, image_size)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows packed over the whole dataset before training: item i is the list of examples of pack i.
+
+    Packing inside each micro-batch does nothing at batch size 1 (the usual setting for these models);
+    planning packs up front fills every sequence up to max_length whatever the batch size.
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset, lengths: list[int], max_length: int) -> None:
+        from .processing_cogvlm import pack_examples
+
+        self.base = base
+        self.packs = pack_examples(lengths, max_length)
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return [self.base[j] for j in self.packs[i]]

@@ -36,8 +36,13 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str) -> MemoryPlan:
-    """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read)."""
+def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
+                lora_in_features: int = 0) -> MemoryPlan:
+    """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read).
+
+    `lora_in_features`: summed input width of the LoRA-wrapped linears; with lora_dropout > 0 peft keeps each
+    one's dropped-out input for backward (measured: about a third of the activations, docs/benchmarks.md).
+    """
     c = model.config
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
@@ -75,6 +80,11 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         acts = n_layers * per_layer
         basis = f"{n_layers} layers x (10H + 4I) per token, {b}x{seq} tokens"
     rows.append(("activations: decoder", acts / GIB, basis))
+    if cfg.lora.lora_dropout > 0 and lora_in_features:
+        # upper bound: every token counted for every wrapped linear (an expert's LoRA sees only its own tokens)
+        kept = tokens * lora_in_features * act / (n_layers if cfg.train.gradient_checkpointing else 1)
+        where = "one layer's worth (checkpointing)" if cfg.train.gradient_checkpointing else "every wrapped linear"
+        rows.append(("activations: LoRA dropout inputs", kept / GIB, where))
     vc = c.vision_config
     n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
     vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act

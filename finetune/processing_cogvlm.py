@@ -354,18 +354,22 @@ def load_and_transform_image(ref: Any, image_size: int) -> torch.Tensor:
 
 
 def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Greedy first-fit: indices of the examples that share each packed row (input order kept per row)."""
+    """Best fit: each example joins the row with the least room that still holds it (input order kept per
+    row; an example longer than max_length gets a row of its own, never cut). O(n log n), so it also packs
+    whole datasets before training."""
+    import bisect
+
     rows: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row index)
     for i, n in enumerate(lengths):
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
         else:
             rows.append([i])
-            room.append(max_length - n)
+            bisect.insort(free, (max_length - n, len(rows) - 1))
     return rows
 
 
@@ -446,11 +450,21 @@ class CogVLMCollator:
         return ref if isinstance(ref, torch.Tensor) else load_and_transform_image(ref, self.image_size)
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor | None]:
-        examples = [self._as_example(x) for x in items]
-        if self.packing:
-            groups = pack_examples([len(e) for e in examples], self.max_length)
+        if any(isinstance(x, (list, tuple)) for x in items):  # packs planned over the dataset: one row each
+            if not self.packing:
+                raise ValueError("the dataset yields packed rows but the collator was built with packing=False")
+            packs = [list(x) if isinstance(x, (list, tuple)) else [x] for x in items]
+            examples = [self._as_example(x) for pack in packs for x in pack]
+            starts = [0]
+            for pack in packs:
+                starts.append(starts[-1] + len(pack))
+            groups = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
         else:
-            groups = [[i] for i in range(len(examples))]
+            examples = [self._as_example(x) for x in items]
+            if self.packing:
+                groups = pack_examples([len(e) for e in examples], self.max_length)
+            else:
+                groups = [[i] for i in range(len(examples))]
         width = max(sum(len(examples[i]) for i in g) for g in groups)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -198,7 +198,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     lazily in DataLoader workers, optional streaming. Before that the whole file is validated like
     `cogtune validate` (skipped in streaming mode, where rows are checked as they are read).
     """
-    from .dataset import build_torch_dataset, encode_jsonl
+    from .dataset import PackedDataset, build_torch_dataset, encode_jsonl
     from .processing_cogvlm import CogVLMCollator
 
     collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
@@ -218,6 +218,11 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
     train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
+    if cfg.data.packing and not cfg.data.streaming:  # plan packs over the whole dataset (see PackedDataset)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        train = PackedDataset(train, lengths, cfg.data.max_length)
+        log(f"packing: {len(lengths)} rows -> {len(train)} sequences of <= {cfg.data.max_length} tokens "
+            f"({sum(lengths) / (len(train) * cfg.data.max_length):.0%} filled)")
     eval_convs, eval_examples = [], None
     if cfg.data.eval_path:
         eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)

@@ -129,9 +129,10 @@ def test_pad_to_multiple_of():
     assert out["input_ids"].shape == (1, 16) and out["attention_mask"].sum() == 11
 
 
-def test_pack_examples_first_fit():
+def test_pack_examples_best_fit():
     assert pack_examples([5, 4, 3, 2, 6], 8) == [[0, 2], [1, 3], [4]]
     assert pack_examples([9], 8) == [[0]]  # never cut: an over-long example gets its own row
+    assert pack_examples([6, 5, 2, 3], 8) == [[0, 2], [1, 3]]  # 2 goes to the fullest row that fits it
 
 
 def test_packing_layout(red_png):
@@ -182,3 +183,21 @@ def test_packed_loss_equals_unpacked(version, red_png, tiny_models):
         c = model(**{k: v for k, v in packed.items() if k != "position_ids"}, num_items_in_batch=n_items).loss
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, c)  # the model rebuilds the same per-segment positions
+
+
+def test_dataset_level_packs_become_one_row_each():
+    from finetune.dataset import PackedDataset
+    from finetune.tiny import tiny_config
+    from finetune.tokenization import build_tiny_tokenizer
+
+    tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
+    rows = [{"input_ids": [1] * n, "token_type_ids": [0] * n, "labels": [-100] * (n - 1) + [1], "images": []}
+            for n in (6, 5, 2, 3)]
+    packed = PackedDataset(rows, [len(r["input_ids"]) for r in rows], max_length=8)
+    assert len(packed) == 2 and [len(p) for p in packed] == [2, 2]
+    batch = CogVLMCollator(tok, cfg, max_length=8, packing=True)([packed[0], packed[1]])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"].tolist() == [[1] * 6 + [2] * 2, [1] * 5 + [2] * 3]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]  # restart per segment
+    with pytest.raises(ValueError, match="packing=False"):
+        CogVLMCollator(tok, cfg, max_length=8)([packed[0]])
