@@ -96,6 +96,14 @@ class CogVLMConfig(PretrainedConfig):
             **kwargs,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """transformers 5 writes `dtype`; the official files (and the official code on old transformers)
+        use `torch_dtype`, so both are written."""
+        out = super().to_dict()
+        if out.get("dtype") is not None:
+            out.setdefault("torch_dtype", str(out["dtype"]).replace("torch.", ""))
+        return out
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
