@@ -69,7 +69,11 @@ def chat_loop(im: InferenceModel, image: str | None, *, requested_template: str 
             continue
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
-        reply = answer(im, image, history, line, template=template, max_new_tokens=max_new_tokens)
+        try:
+            reply = answer(im, image, history, line, template=template, max_new_tokens=max_new_tokens)
+        except ValueError as err:  # e.g. the conversation no longer fits: say so and keep the session
+            write(f"\nerror: {err} (/reset clears the history)")
+            continue
         history.append((line, reply))
     return history
 
@@ -85,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default=None, help="override the stored template (warns)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer folder (CogVLM1 checkpoints ship none)")
     args = p.parse_args(argv)
     try:
         if args.image and not Path(args.image).is_file():
             raise FileNotFoundError(f"--image {args.image} does not exist")
-        im = InferenceModel(args.model, args.adapter, args.dtype)
+        im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir)
         if args.use:
             im.use(args.use)
         if args.prompt is not None:

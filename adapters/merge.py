@@ -241,10 +241,14 @@ def use_adapter(model: Any, name: str) -> None:
     model.cogtune_base_params = extra_params.apply(model, model.cogtune_extra_params.get(name, {}))
 
 
-def load_tokenizer_for(source: AdapterSource | None, base_dir: Path, config: Any) -> Any:
-    """The adapter's saved tokenizer (the trainer stores it there), else the run's tokenizer_dir, else the base's."""
+def load_tokenizer_for(source: AdapterSource | None, base_dir: Path, config: Any,
+                       tokenizer_dir: str | Path | None = None) -> Any:
+    """`tokenizer_dir` when given, else the adapter's saved tokenizer (the trainer stores it there), else the
+    run's tokenizer_dir, else the base's."""
     from finetune.tokenization import _has_tokenizer, load_tokenizer
 
+    if tokenizer_dir is not None:
+        return load_tokenizer(base_dir, tokenizer_dir, config)
     if source is not None and _has_tokenizer(source.adapter_dir):
         return load_tokenizer(base_dir, source.adapter_dir, config)
     tokenizer_dir = source.meta.get("tokenizer_dir") if source is not None else None

@@ -21,6 +21,7 @@ from .merge import (
     _read_json,
     attach_adapters,
     load_base,
+    load_tokenizer_for,
     resolve_adapter,
     stored_dtype,
     use_adapter,
@@ -47,12 +48,17 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, AdapterSource]]:
 class InferenceModel:
     """A base model with zero or more named adapters; switches adapters (and their templates) in place."""
 
-    def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None):
+    def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None,
+                 tokenizer_dir: str | Path | None = None):
+        from finetune.configuration_cogvlm import CogVLMConfig
         from finetune.loading import check_checkpoint_dir
-        from finetune.tokenization import _has_tokenizer, load_tokenizer
 
         self.model_dir = check_checkpoint_dir(model_dir)
         self.adapters = parse_adapter_specs(adapter_specs or [])
+        # The tokenizer first: a missing one (CogVLM1 ships none) fails before the weights load.
+        config = CogVLMConfig.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
+                                            tokenizer_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
@@ -63,9 +69,6 @@ class InferenceModel:
         if self.adapters:
             model = attach_adapters(model, self.adapters, self.model_dir)
         self.model = model
-        first = self.adapters[0][1].adapter_dir if self.adapters else None
-        self.tokenizer = load_tokenizer(self.model_dir, first if first and _has_tokenizer(first) else None,
-                                        self.config)
         self.active = self.adapters[0][0] if self.adapters else None
 
     def use(self, name: str) -> None:
@@ -106,10 +109,17 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     from finetune.generation import generate_answers, score
     from finetune.train_utils import write_atomic
 
-    convs, problems = read_jsonl(data, image_root)
-    if problems:
-        shown = "\n  ".join(str(p) for p in problems[:20])
-        raise ValueError(f"{data}: {len(problems)} problem(s); fix them (or run `cogtune validate`):\n  {shown}")
+    # Test rows may end with a question (no reference); images are decoded up front so a corrupt one is
+    # reported with its line before any generation runs. Warnings (e.g. duplicate ids) are shown, not fatal.
+    convs, problems = read_jsonl(data, image_root, require_answer=False, check_images=True)
+    errors = [p for p in problems if p.level == "error"]
+    for p in problems:
+        if p.level != "error":
+            log(str(p))
+    if errors:
+        shown = "\n  ".join(str(p) for p in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"{data}: {len(errors)} error(s); fix them (or run `cogtune validate`):\n  {shown}{more}")
     tmpl = im.template(template)
     log(f"predict: {len(convs)} rows, adapter {im.active or 'none'}, template '{tmpl}', batch size {batch_size}")
     with tqdm(total=len(convs), desc="predict", unit="row") as bar:
@@ -148,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default=None, help="override the stored template (warns)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer folder (CogVLM1 checkpoints ship none)")
     args = p.parse_args(argv)
     try:
-        im = InferenceModel(args.model, args.adapter, args.dtype)
+        im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir)
         if args.use:
             im.use(args.use)
         predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,

@@ -76,10 +76,27 @@ def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=cdt, llm_int8_skip_modules=skip)
 
 
-def load_model(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
-    """(model, tokenizer) for a recipe's model/quant sections."""
-    from .modeling_cogvlm import CogVLMForCausalLM
+def load_config_and_tokenizer(model_cfg: ModelSection):
+    """(config, tokenizer) without loading weights: cheap checks (family, tokenizer) fail before the big load."""
+    from .configuration_cogvlm import CogVLMConfig
     from .tokenization import load_tokenizer
+
+    path = check_checkpoint_dir(model_cfg.checkpoint_dir)
+    config = CogVLMConfig.from_pretrained(str(path))
+    if model_cfg.family:
+        from .families import get_family
+
+        spec = get_family(model_cfg.family)
+        if spec.version != config.cogvlm_version or spec.image_tokens != config.image_tokens:
+            raise ValueError(f"model.family {model_cfg.family!r} (CogVLM{spec.version}, {spec.image_tokens} image "
+                             f"tokens) does not match {path}/config.json (CogVLM{config.cogvlm_version}, "
+                             f"{config.image_tokens} image tokens)")
+    return config, load_tokenizer(path, model_cfg.tokenizer_dir, config)
+
+
+def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
+    """The model with its weights, in the recipe's dtype and (optional) 4/8-bit quantization."""
+    from .modeling_cogvlm import CogVLMForCausalLM
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     dtype = resolve_dtype(model_cfg.dtype)
@@ -89,14 +106,10 @@ def load_model(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, d
         kwargs["quantization_config"] = bnb
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = CogVLMForCausalLM.from_pretrained(str(path), **kwargs)
-    if model_cfg.family:
-        from .families import get_family
+    return CogVLMForCausalLM.from_pretrained(str(path), **kwargs)
 
-        spec = get_family(model_cfg.family)
-        if spec.version != model.config.cogvlm_version or spec.image_tokens != model.config.image_tokens:
-            raise ValueError(f"model.family {model_cfg.family!r} (CogVLM{spec.version}, {spec.image_tokens} image "
-                             f"tokens) does not match {path}/config.json (CogVLM{model.config.cogvlm_version}, "
-                             f"{model.config.image_tokens} image tokens)")
-    tokenizer = load_tokenizer(path, model_cfg.tokenizer_dir, model.config)
-    return model, tokenizer
+
+def load_model(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
+    """(model, tokenizer) for a recipe's model/quant sections; the tokenizer is checked first."""
+    _, tokenizer = load_config_and_tokenizer(model_cfg)
+    return load_weights(model_cfg, quant_cfg, device_map), tokenizer

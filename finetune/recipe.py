@@ -41,7 +41,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     from adapters import extra_params
     from adapters.lora import apply_lora
 
-    from .loading import load_model
+    from .loading import load_config_and_tokenizer, load_weights
     from .train_utils import (
         EvalCallback,
         ExtraParamsCallback,
@@ -63,9 +63,13 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         log(f"resume: {resume or 'no checkpoint found, starting fresh'}")
     elif cfg.train.resume:
         resume = cfg.train.resume
-    elif out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite:
-        raise ValueError(f"run folder {out} is not empty. Use train.resume=auto to continue it, "
-                         "output.overwrite=true to write over it, or another output.dir.")
+    elif out.is_dir() and any(out.iterdir()):
+        if not cfg.output.overwrite:
+            raise ValueError(f"run folder {out} is not empty. Use train.resume=auto to continue it, "
+                             "output.overwrite=true to write over it, or another output.dir.")
+        clear_run_folder(out, log)
+    if resume:
+        check_same_recipe(out / "recipe.resolved.yaml", cfg)
     out.mkdir(parents=True, exist_ok=True)
     resolved = to_yaml(cfg)
     log("---- recipe (resolved) ----\n" + resolved.rstrip())
@@ -82,18 +86,18 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     log(str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit])))
     del meta
 
-    # ---- Model ----
-    model, tokenizer = load_model(cfg.model, cfg.quant)
-    config = model.config
+    # ---- Tokenizer and data (cheap checks first: nothing is wrong with the data once weights load) ----
+    config, tokenizer = load_config_and_tokenizer(cfg.model)
     template = cfg.data.template_version or config.template_version
+    train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, tokenizer, config, template, log=log)
+
+    # ---- Model ----
+    model = load_weights(cfg.model, cfg.quant)
     log(f"model: CogVLM{config.cogvlm_version}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"dtype {next(model.parameters()).dtype}, {config.image_tokens} tokens per image, template '{template}'")
 
     # ---- Adapters ----
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=log)
-
-    # ---- Data ----
-    train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, tokenizer, config, template, log=log)
 
     # ---- Trainer ----
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -177,6 +181,41 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
             f"final train loss {result.training_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
     return out
+
+
+def clear_run_folder(out: Path, log=print) -> None:
+    """output.overwrite: remove what an earlier run left (checkpoints above all, which resume=auto would
+    otherwise pick up as if they belonged to this run)."""
+    import shutil
+
+    for child in out.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    log(f"output.overwrite: cleared {out}")
+
+
+# Sections whose change makes a checkpoint belong to another experiment (train.* may change on resume,
+# e.g. max_steps to train longer).
+_RESUME_SECTIONS = ("model", "data", "lora", "quant")
+
+
+def check_same_recipe(saved: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a run folder written by a different recipe (model, data, LoRA or quantization)."""
+    import dataclasses
+
+    import yaml
+
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = dataclasses.asdict(cfg)
+    changed = [f"{sec}.{k}: {before.get(sec, {}).get(k)!r} -> {v!r}" for sec in _RESUME_SECTIONS
+               for k, v in now[sec].items() if before.get(sec, {}).get(k) != v]
+    if changed:
+        raise ValueError(f"cannot resume {saved.parent}: its recipe differs in " + "; ".join(changed)
+                         + ". Resume with the same recipe, or train into another output.dir.")
 
 
 def config_hash(checkpoint_dir: str | Path) -> str:

@@ -152,8 +152,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 _VICUNA_HINT = (
     "CogVLM1 and CogAgent checkpoints ship no tokenizer: they use the Vicuna-7B v1.5 (Llama-2) tokenizer. "
     "Download it once, e.g. `huggingface-cli download lmsys/vicuna-7b-v1.5 tokenizer.model tokenizer_config.json "
-    "special_tokens_map.json --local-dir ./vicuna-tokenizer`, and pass that folder as `model.tokenizer_dir` "
-    "in the recipe (or --set model.tokenizer_dir=./vicuna-tokenizer)."
+    "special_tokens_map.json --local-dir ./vicuna-tokenizer`, and pass that folder: `model.tokenizer_dir=DIR` "
+    "for train/check/targets (recipe key or override), `--tokenizer-dir DIR` for validate/predict/chat "
+    "(merge/export read it from the run)."
 )
 
 

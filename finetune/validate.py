@@ -83,6 +83,10 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
     convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
                                     check_images=check_images)
     rows = sum(1 for line in lines if line.strip())
+    if rows == 0:
+        problems.append(Problem(str(path), "file", "has no rows", "each line must be one JSON object (see "
+                                "data_formats/README.md); `cogtune convert` writes such a file", "error",
+                                "empty file"))
     return convs, ValidationReport(str(path), rows, len(convs), problems)
 
 
@@ -102,7 +106,7 @@ def load_and_validate(path: str | Path, image_root: str | Path | None = None, *,
     if report.errors:
         report.problems.append(Problem(str(path), "rows", f"{report.invalid_rows} invalid rows skipped "
                                        "(data.skip_invalid is on)", "", "warning", "skipped rows"))
-    if not convs and report.rows:
+    if not convs:
         raise DataValidationError(f"{report}\nno valid rows left in {path}")
     return convs, report
 

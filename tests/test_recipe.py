@@ -196,3 +196,15 @@ def test_adapter_variants_train(task, tmp_path, overrides, check):
         assert 4 * 27 < first["tokens_seen"] <= 4 * 64
     else:  # the first step saw 4 demo rows of 19-27 tokens each
         assert 4 * 19 <= first["tokens_seen"] <= 4 * 27
+
+
+def test_overwrite_clears_old_checkpoints_and_resume_refuses_another_recipe(task, tmp_path):
+    out = tmp_path / "run"
+    common = ("train.max_steps=2", "train.save_steps=1", "eval.generation_rows=0", "data.eval_path=null")
+    train(_cfg(task, out, *common), log=lambda *_: None)
+    assert (out / "checkpoint-2").is_dir()
+    train(_cfg(task, out, "train.max_steps=1", "train.save_steps=1", "eval.generation_rows=0", "data.eval_path=null",
+               "output.overwrite=true"), log=lambda *_: None)
+    assert not (out / "checkpoint-2").exists()  # resume=auto could otherwise pick up the old run's state
+    with pytest.raises(ValueError, match=r"recipe differs in lora\.r: 8 -> 4"):
+        train(_cfg(task, out, *common, "train.resume=auto", "lora.r=4"), log=lambda *_: None)
