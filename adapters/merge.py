@@ -528,7 +528,15 @@ def merge_adapter(
         # ---- Verify (fresh process) ----
         stats = verify_in_fresh_process(hp_dir, work / "probe.pt", dtype, None, log)
         ok, rule = passes(stats, dtype, None)
+        noise = MERGE_TOLERANCE[dtype] * max(1.0, stats["ref_max_abs"])
+        if ok and effect > noise:  # the merge must carry the adapter, not just stay near the base
+            ok = stats["max_abs_diff"] <= 0.5 * effect
+            rule += f" and <= half the adapter's effect ({0.5 * effect:.3g})"
         log(format_stats("merged vs base+adapter", stats) + f"; adapter effect on logits: max {effect:.3e}")
+        if effect <= noise:
+            log(f"WARNING: the adapter moves the probe logits by at most {effect:.3g}, within {dtype} merge noise "
+                f"({noise:.3g}): this check cannot tell a correct merge from one that lost the adapter. "
+                "Re-run with --dtype fp32 to verify it.")
         log(f"fresh-process reload: strict keys OK, probe answer {stats['probe_answer']!r} "
             f"({stats['reload_seconds']}s)")
         if not ok:

@@ -167,3 +167,15 @@ def test_resolve_adapter_forms(runs, tmp_path):
     assert resolve_adapter(runs[1] / "adapter").meta == src.meta  # adapter folder: run.json beside it
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         resolve_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_merge_that_drops_the_adapter_fails(tiny_checkpoints, tmp_path, in_process_verify, monkeypatch, dtype):
+    """A merge that silently unloads the LoRA delta must not pass, in fp32 or in bf16 (review finding)."""
+    from peft import LoraModel
+
+    run = make_run(tmp_path / "run", tiny_checkpoints[2], scale=0.5)  # an adapter with a clear effect
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    with pytest.raises(RuntimeError, match="verification FAILED"):
+        merge_adapter(run, tmp_path / "merged", dtype=dtype, log=lambda *_: None)
+    assert not (tmp_path / "merged").exists()
