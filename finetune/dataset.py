@@ -21,7 +21,7 @@ import torch
 from .processing_cogvlm import EncodedExample, RowTooLong, encode_conversation, load_and_transform_image
 
 # Bump when encoding rules change, so cached Arrow files from older code are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 
 _COLUMNS = ("input_ids", "token_type_ids", "labels", "images", "dropped_turns", "id", "skip")
 
@@ -54,8 +54,14 @@ def _fingerprint(source: str, tokenizer: Any, settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _line_numbers(path: Path) -> list[int]:
+    """1-based line number of each non-blank line: `datasets` skips blank lines, messages must not."""
+    with path.open(encoding="utf-8") as fh:
+        return [n for n, line in enumerate(fh, start=1) if line.strip()]
+
+
 def _encode_batch(batch: dict[str, list], indices: list[int], *, path: str, base_dir: str, tokenizer: Any,
-                  settings: dict[str, Any]) -> dict[str, list]:
+                  settings: dict[str, Any], lines: list[int] | None = None) -> dict[str, list]:
     """Rows -> encoded columns; rows that are invalid or too long get a `skip` reason (filtered and counted)."""
     from data_formats.schema import parse_row
 
@@ -64,8 +70,9 @@ def _encode_batch(batch: dict[str, list], indices: list[int], *, path: str, base
     for j, idx in enumerate(indices):
         # `datasets` fills keys that other rows have with None; the schema reads absent keys instead.
         obj = {k: batch[k][j] for k in keys if batch[k][j] is not None}
-        source = f"{path}:{idx + 1}"  # line number, assuming no blank lines
-        conv, problems = parse_row(obj, source, Path(base_dir), default_id=f"{Path(path).stem}-{idx + 1}",
+        line = lines[idx] if lines is not None else idx + 1  # streaming: row number (blank lines not known)
+        source = f"{path}:{line}"
+        conv, problems = parse_row(obj, source, Path(base_dir), default_id=f"{Path(path).stem}-{line}",
                                    max_images=None, check_images=False, require_answer=True)
         skip, ex = "", None
         if conv is None:
@@ -124,10 +131,12 @@ def encode_jsonl(
         return encoded.filter(lambda row: not row["skip"]).remove_columns(["skip"]), None
 
     fp = _fingerprint(raw._fingerprint, tokenizer, {**settings, "base_dir": base_dir})
+    lines = _line_numbers(path)
+    fn_kwargs["lines"] = lines
     encoded = raw.map(_encode_batch, batched=True, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc,
                       remove_columns=raw.column_names, new_fingerprint=fp, desc="tokenizing")
     skips = encoded["skip"]
-    reasons = [f"{path}:{i + 1}: {s}" for i, s in enumerate(skips) if s]
+    reasons = [f"{path}:{lines[i]}: {s}" for i, s in enumerate(skips) if s]
     stats = EncodeStats(
         rows=len(skips),
         kept=len(skips) - len(reasons),

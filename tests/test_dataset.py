@@ -84,3 +84,12 @@ def test_torch_dataset_decodes_lazily_and_collates(jsonl, tmp_path):
     batch = next(iter(loader))
     assert batch["images"].shape == (1, 3, size, size)
     assert batch["input_ids"].shape[0] == 2 and int(batch["token_type_ids"].sum()) == cfg.image_tokens
+
+
+def test_skip_reasons_carry_the_real_line_number_with_blank_lines(jsonl, tmp_path):
+    lines = jsonl.read_text().splitlines()
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("\n" + lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")  # rows now on lines 2, 4, 5, 6
+    tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
+    _, stats = encode_jsonl(spaced, tok, cache_dir=tmp_path / "cache", **settings(cfg))
+    assert "spaced.jsonl:5: too long" in stats.examples[0] and "spaced.jsonl:6: invalid" in stats.examples[1]
