@@ -29,8 +29,7 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
         subset = Path(tmp) / "rows.jsonl"
         with open(subset, "w") as fh:
             for c in convs[:rows]:
-                fh.write(json.dumps({"id": c.id, "images": c.images,
-                                     "messages": [{"role": m.role, "content": m.content} for m in c.messages]}) + "\n")
+                fh.write(json.dumps(c.to_json()) + "\n")
         quick = replace(
             cfg,
             data=replace(cfg.data, train_path=str(subset), eval_path=None, image_root=None, num_workers=0),

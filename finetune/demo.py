@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(cfg.model)
     model = PeftModel.from_pretrained(model, str(run / "adapter")).eval()
     after = ranking_accuracy(model, collator, eval_convs)
-    prompts = [type(c)(id=c.id, images=c.images, messages=c.messages[:-1], source=c.source) for c in eval_convs]
-    preds = generate_answers(model, tokenizer, prompts, template_version=template, max_new_tokens=4)
+    # generate_answers answers each row's last user turn (the reference answer is not part of the prompt)
+    preds = generate_answers(model, tokenizer, eval_convs, template_version=template, max_new_tokens=4)
     exact = score(preds, [c.messages[-1].content for c in eval_convs])
     print(f"[demo] held-out accuracy AFTER training: {100 * after:.1f}% (ranking), "
           f"greedy exact match {100 * exact['exact_match']:.1f}%")
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
     merged = merge_adapter(run, out / "merged", max_shard_size="300KB").out
     merged_model, tokenizer = load_model(type(cfg.model)(checkpoint_dir=str(merged), dtype="float32"))
-    sample = prompts[0]
+    sample = eval_convs[0]
     answer = generate_answers(merged_model, tokenizer, [sample], template_version=template, max_new_tokens=4)[0]
     print(f"[demo] merged model, held-out image {sample.images[0]}: "
-          f"Q: {sample.messages[-1].content.replace('<image>', '')!r} A: {answer!r} "
+          f"Q: {sample.messages[-2].content.replace('<image>', '')!r} A: {answer!r} "
           f"(truth: {eval_convs[0].messages[-1].content!r})")
     wall = time.time() - t0
     print(f"[demo] done in {wall:.0f}s: accuracy {100 * before:.1f}% -> {100 * after:.1f}% "

@@ -167,30 +167,6 @@ def read_conversations(path: str, image_root: str | None, cfg, log=print) -> lis
     return convs
 
 
-def encode_all(convs: list, collator, log=print, what: str = "train") -> list:
-    """Tokenize rows once, up front; rows that cannot fit max_length are dropped and counted."""
-    from .processing_cogvlm import RowTooLong
-
-    examples, too_long, dropped_turns = [], [], 0
-    for conv in convs:
-        try:
-            ex = collator.encode(conv)
-        except RowTooLong as err:
-            too_long.append(f"{getattr(conv, 'source', conv.id)}: {err}")
-            continue
-        dropped_turns += ex.dropped_turns
-        examples.append(ex.to_dict())
-    log(f"{what}: {len(examples)} rows encoded; {dropped_turns} oldest history turns dropped to fit max_length; "
-        f"{len(too_long)} rows dropped (too long even with history dropped)")
-    for line in too_long[:10]:
-        log(f"  dropped: {line}")
-    if len(too_long) > 10:
-        log(f"  ... and {len(too_long) - 10} more")
-    if not examples:
-        raise ValueError(f"no {what} rows left after encoding; raise data.max_length or check the data")
-    return examples
-
-
 def build_datasets(cfg, tokenizer, config, template: str, log=print):
     """(train dataset, eval examples or None, eval conversations, collator).
 
@@ -209,12 +185,14 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
             "an up-front count (run `cogtune validate` on the file first)")
     else:
         read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
-    encoded, stats = encode_jsonl(
-        cfg.data.train_path, tokenizer, family_version=config.cogvlm_version, image_tokens=config.image_tokens,
-        template_version=template, max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
-        allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root, streaming=cfg.data.streaming)
+    settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
+                    max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
+                    allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root)
+    encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")
+        for line in stats.examples:
+            log(f"  skipped: {line}")
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
     train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
@@ -226,7 +204,9 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     eval_convs, eval_examples = [], None
     if cfg.data.eval_path:
         eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)
-        eval_examples = encode_all(eval_convs, collator, log, "eval")
+        encoded_eval, eval_stats = encode_jsonl(cfg.data.eval_path, tokenizer, **settings)
+        log(f"eval: {eval_stats}")
+        eval_examples = list(encoded_eval)  # small: rows as dicts for the token-weighted eval loss
     return train, eval_examples, eval_convs, collator
 
 
@@ -257,11 +237,11 @@ def generation_eval(model, tokenizer, convs: list, template: str, max_new_tokens
     convs = [c for c in convs if c.messages and c.messages[-1].role == "assistant"][:rows]
     if not convs:
         return {}, []
-    prompts = [type(c)(id=c.id, images=c.images, messages=c.messages[:-1], source=c.source) for c in convs]
     refs = [c.messages[-1].content for c in convs]
     was_training = model.training
     model.eval()
-    preds = generate_answers(model, tokenizer, prompts, template_version=template, max_new_tokens=max_new_tokens,
+    # generate_answers answers the last user turn; the trailing reference answer is left out of the prompt
+    preds = generate_answers(model, tokenizer, convs, template_version=template, max_new_tokens=max_new_tokens,
                              batch_size=batch_size)
     model.train(was_training)
     metrics = score(preds, refs)
