@@ -310,10 +310,14 @@ def parse_recipe_args(argv: list[str], prog: str, description: str,
     if resume_flag:
         parser.add_argument("--resume", default=None, metavar="auto|CHECKPOINT",
                             help="same as train.resume=...: 'auto' continues the latest checkpoint in output.dir")
+        parser.add_argument("--skip-invalid", action="store_true",
+                            help="same as data.skip_invalid=true: skip (and count) rows that fail validation")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"train.resume={args.resume}")
+    if getattr(args, "skip_invalid", False):
+        overrides.append("data.skip_invalid=true")
     try:
         cfg = load_recipe(args.recipe, overrides)
     except ConfigError as err:

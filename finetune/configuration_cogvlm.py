@@ -88,6 +88,8 @@ class CogVLMConfig(PretrainedConfig):
             rope_theta = 500000.0 if cogvlm_version == 2 else 10000.0
         self.rope_theta = rope_theta
         self.use_cache = use_cache
+        if "torch_dtype" in kwargs:  # the official files' name for what transformers 5 calls `dtype`
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
