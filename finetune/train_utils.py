@@ -259,7 +259,8 @@ class EvalCallback(TrainerCallback):
         self._last_step = -1
 
     def _run(self, state, model) -> None:
-        if not self.examples or state.global_step == self._last_step:
+        # One process evaluates (under accelerate every rank holds the whole model; eval uses no collectives).
+        if not self.examples or state.global_step == self._last_step or not state.is_world_process_zero:
             return
         self._last_step = state.global_step
         metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
