@@ -98,10 +98,10 @@ class CogVLMConfig(PretrainedConfig):
             **kwargs,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """transformers 5 writes `dtype`; the official files (and the official code on old transformers)
-        use `torch_dtype`, so both are written."""
-        out = super().to_dict()
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What `save_pretrained` writes. transformers 5 writes `dtype`; the official files (and the official
+        code on old transformers) use `torch_dtype`, so both are written."""
+        out = super().to_diff_dict()
         if out.get("dtype") is not None:
             out.setdefault("torch_dtype", str(out["dtype"]).replace("torch.", ""))
         return out
