@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .config import RunConfig, parse_recipe_args, to_yaml
 
-RUN_FILES = ("adapter", "recipe.resolved.yaml", "run.json")
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
