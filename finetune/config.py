@@ -99,6 +99,8 @@ class TrainSection:
     report_to: list[str] = _f(["tensorboard"], "loggers: tensorboard, wandb, none ...")
     resume: str | None = _f(None, "'auto' = latest checkpoint in output.dir, or a checkpoint folder")
     skip_nonfinite: bool = _f(True, "skip (and count) micro-batches whose loss is NaN/inf instead of stepping")
+    max_nonfinite_steps: int = _f(10, "stop with an error once this many micro-batches in a row had a NaN/inf loss "
+                                  "(the run diverged); no adapter is saved")
 
 
 @dataclass
@@ -268,6 +270,8 @@ def _check_values(cfg: RunConfig, source: str) -> list[str]:
         p.append(f"{source}: 'lora.r' is {cfg.lora.r}; expected a positive rank such as 16")
     if not cfg.lora.targets:
         p.append(f"{source}: 'lora.targets' is empty; name presets such as language_expert_attn")
+    if cfg.train.max_nonfinite_steps < 0:
+        p.append(f"{source}: 'train.max_nonfinite_steps' is {cfg.train.max_nonfinite_steps}; expected 0 or more")
     if cfg.train.learning_rate <= 0:
         p.append(f"{source}: 'train.learning_rate' must be > 0")
     if cfg.data.streaming and cfg.train.max_steps <= 0:
@@ -312,7 +316,7 @@ def parse_recipe_args(argv: list[str], prog: str, description: str,
                             help="same as train.resume=...: 'auto' continues the latest checkpoint in output.dir")
         parser.add_argument("--skip-invalid", action="store_true",
                             help="same as data.skip_invalid=true: skip (and count) rows that fail validation")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit anywhere among the overrides
     overrides = list(args.overrides)
     if getattr(args, "resume", None):
         overrides.append(f"train.resume={args.resume}")

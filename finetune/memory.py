@@ -24,24 +24,26 @@ _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small 
 @dataclass
 class MemoryPlan:
     rows: list[tuple[str, float, str]]  # (item, GiB, how it was counted)
+    where: str = "per GPU"
 
     @property
     def total_gib(self) -> float:
         return sum(g for _, g, _ in self.rows)
 
     def __str__(self) -> str:
-        lines = [f"{'memory plan (estimate, per GPU)':<34}{'GiB':>8}  basis"]
+        lines = [f"{f'memory plan (estimate, {self.where})':<34}{'GiB':>8}  basis"]
         lines += [f"{name:<34}{gib:>8.2f}  {basis}" for name, gib, basis in self.rows]
         lines.append(f"{'total':<34}{self.total_gib:>8.2f}")
         return "\n".join(lines)
 
 
 def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
-                lora_in_features: int = 0) -> MemoryPlan:
+                lora_in_features: int = 0, on_gpu: bool = True) -> MemoryPlan:
     """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read).
 
     `lora_in_features`: summed input width of the LoRA-wrapped linears; with lora_dropout > 0 peft keeps each
     one's dropped-out input for backward (measured: about a third of the activations, docs/benchmarks.md).
+    `on_gpu=False`: a CPU run's plan (host memory, no CUDA context).
     """
     c = model.config
     act = _BYTES.get(dtype_name, 2)
@@ -95,5 +97,6 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     answer = max(1, seq - c.image_tokens) * b  # label positions at most: the text part of each row
     rows.append(("loss logits (labelled positions)", answer * c.vocab_size * 4 * 3 / GIB,
                  f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"))
-    rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
-    return MemoryPlan(rows)
+    if on_gpu:
+        rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
+    return MemoryPlan(rows, "per GPU" if on_gpu else "CPU RAM")

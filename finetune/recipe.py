@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,13 @@ from .config import RunConfig, parse_recipe_args, to_yaml
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _, cfg = parse_recipe_args(argv, "train.py", "train a LoRA/QLoRA adapter from a recipe", resume_flag=True)
+    from .train_utils import DivergedError
+
     try:
         train(cfg)
+    except DivergedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -31,75 +37,134 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
-    """Run one recipe end to end; returns the run folder. `callbacks` are extra TrainerCallbacks."""
-    import torch
-    from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    """Run one recipe end to end; returns the run folder. `callbacks` are extra TrainerCallbacks.
 
-    from adapters import extra_params
-    from adapters.lora import apply_lora
+    The console gets a short summary; the resolved recipe, the memory plan and the target tables go to
+    recipe.resolved.yaml and plan.txt in the run folder. run.json exists from the start and says whether
+    the run is running, failed (with the error) or completed.
+    """
+    from transformers import set_seed
 
-    from .loading import load_config_and_tokenizer, load_weights
-    from .train_utils import (
-        EvalCallback,
-        ExtraParamsCallback,
-        GuardedTrainer,
-        ThroughputCallback,
-        build_datasets,
-        plot_curves,
-        write_atomic,
-    )
+    from .train_utils import write_atomic
 
     set_seed(cfg.train.seed)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
 
     # ---- Run folder ----
     out = Path(cfg.output.dir)
-    resume = None
-    if cfg.train.resume == "auto":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-        log(f"resume: {resume or 'no checkpoint found, starting fresh'}")
-    elif cfg.train.resume:
-        resume = cfg.train.resume
-    elif out.is_dir() and any(out.iterdir()):
-        if not cfg.output.overwrite:
-            raise ValueError(f"run folder {out} is not empty. Use train.resume=auto to continue it, "
-                             "output.overwrite=true to write over it, or another output.dir.")
-        clear_run_folder(out, log)
-    if resume:
-        check_same_recipe(out / "recipe.resolved.yaml", cfg)
+    resume = prepare_run_folder(cfg, out, log if is_main else (lambda *_: None), clear=is_main)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = to_yaml(cfg)
-    log("---- recipe (resolved) ----\n" + resolved.rstrip())
+    run_info: dict = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "resumed_from": str(resume) if resume else None}
     if is_main:
-        write_atomic(out / "recipe.resolved.yaml", resolved)
+        write_atomic(out / "recipe.resolved.yaml", to_yaml(cfg))
+        write_run_json(out, run_info)
+    try:
+        return _train(cfg, out, resume, run_info, is_main, world, log, callbacks)
+    except BaseException as err:
+        if is_main:
+            run_info.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000],
+                            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            write_run_json(out, run_info)
+        raise
+
+
+def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
+    import warnings
+
+    import torch
+    from transformers import TrainingArguments
+
+    from adapters import extra_params
+    from adapters.lora import apply_lora
+    from adapters.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
+
+    from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
+    from .memory import plan_memory
+    from .train_utils import (
+        RUN_STATE,
+        CheckpointCallback,
+        DivergedError,
+        EvalCallback,
+        ExtraParamsCallback,
+        GuardedTrainer,
+        ProgressLineCallback,
+        SkipBadImages,
+        build_datasets,
+        keep_4bit_layers_trainable,
+        nonfinite_parameters,
+        plot_curves,
+        real_numel,
+        write_atomic,
+    )
+
+    on_gpu = torch.cuda.is_available()
+    plan: list[str] = [f"# run plan for {out}", ""]
+
+    def to_plan(text: str) -> None:
+        plan.append(str(text))
 
     # ---- Memory plan (meta device: shapes only, before any weight is loaded) ----
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
-
-    from .loading import build_meta_model
-
     meta = build_meta_model(cfg.model.checkpoint_dir)
     _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
-    log(str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit])))
+    matched = [n for hit in matches.values() for n in hit]
+    modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules) + bare)
+    dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
+    in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
+    memory = plan_memory(meta, cfg, lora_n, full_n, dtype_name, lora_in_features=in_features, on_gpu=on_gpu)
+    to_plan(str(memory))
     del meta
 
     # ---- Tokenizer and data (cheap checks first: nothing is wrong with the data once weights load) ----
     config, tokenizer = load_config_and_tokenizer(cfg.model)
     template = cfg.data.template_version or config.template_version
     train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, tokenizer, config, template, log=log)
+    skipped_images = None
+    if cfg.data.skip_invalid and not cfg.data.streaming:
+        import multiprocessing
+
+        skipped_images = multiprocessing.Value("i", 0)
+        train_ds = SkipBadImages(train_ds, skipped_images)
+    for line in step_warnings(cfg, None if cfg.data.streaming else len(train_ds), world):
+        log(f"warning: {line}")
 
     # ---- Model ----
     model = load_weights(cfg.model, cfg.quant)
-    log(f"model: CogVLM{config.cogvlm_version}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"dtype {next(model.parameters()).dtype}, {config.image_tokens} tokens per image, template '{template}'")
+    keep_4bit_layers_trainable(model)  # QLoRA: evaluation must not switch 4-bit layers to inference kernels
+    n_params = sum(real_numel(p) for p in model.parameters())
+    log(f"model: CogVLM{config.cogvlm_version}, {n_params / 1e6:.2f}M params, "
+        f"dtype {next(model.parameters()).dtype}, quant {cfg.quant.mode}, {config.image_tokens} tokens per image, "
+        f"template '{template}'")
 
-    # ---- Adapters ----
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=log)
+    # ---- Adapters (match report and parameter table go to plan.txt) ----
+    with warnings.catch_warnings():  # peft's k-bit preparation still calls the deprecated name
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(real_numel(p) for p in model.parameters())
+    if is_main:
+        write_atomic(out / "plan.txt", "\n".join(plan) + "\n")
+    log(f"lora: r={cfg.lora.r} on {len(matched)} modules ({', '.join(cfg.lora.targets)}); trainable "
+        f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    log(f"memory plan (estimate): {memory.total_gib:.2f} GiB {'per GPU' if on_gpu else 'of CPU RAM'}; recipe, "
+        f"plan and tables in {out / 'recipe.resolved.yaml'} and {out / 'plan.txt'}")
 
     # ---- Trainer ----
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    on_gpu = torch.cuda.is_available()
+    optim = cfg.train.optim
+    if not on_gpu and optim.startswith("paged_"):
+        optim = optim.removeprefix("paged_")
+        log(f"note: paged optimizers need a GPU; {cfg.train.optim} runs as {optim} on CPU")
+    tty = sys.stderr.isatty() or os.environ.get("COGTUNE_TQDM") == "1"
+    import dataclasses
+
+    # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models); the
+    # Trainer's own switch stays off, under its transformers >= 5 name where that exists (no FutureWarning).
+    ckpt_flag = {"activation_checkpointing" if any(f.name == "activation_checkpointing" for f in
+                                                   dataclasses.fields(TrainingArguments)) else
+                 "gradient_checkpointing": False}
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.train.per_device_train_batch_size,
@@ -112,14 +177,13 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         lr_scheduler_type=cfg.train.lr_scheduler_type,
         weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm,
-        optim=cfg.train.optim,
+        optim=optim,
         seed=cfg.train.seed,
         # LoRA weights stay fp32 under peft; bf16 autocast only where the model already runs in bf16.
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models).
-        gradient_checkpointing=False,
+        **ckpt_flag,
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -129,19 +193,28 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         report_to=[r for r in cfg.train.report_to if r != "none"] or "none",
         remove_unused_columns=False,
         dataloader_num_workers=cfg.data.num_workers,
-        disable_tqdm=not sys.stderr.isatty() and os.environ.get("COGTUNE_TQDM") != "1",
+        disable_tqdm=not tty,
     )
-    throughput = ThroughputCallback()
     evaluator = EvalCallback(cfg, eval_ds, eval_convs, collator, tokenizer, template, out, log=log)
+    progress = [] if tty or not is_main else [ProgressLineCallback(log=log)]
     trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
-                             callbacks=[throughput, evaluator, *(callbacks or [])])
+                             callbacks=[evaluator, *progress, *(callbacks or [])])
     trainer.skip_nonfinite = cfg.train.skip_nonfinite
+    trainer.max_nonfinite_steps = cfg.train.max_nonfinite_steps
+    trainer.skipped_images = skipped_images
+    if not tty:  # the one-line progress replaces transformers' raw dict printer
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     extra = extra_params.split_modules_to_save(cfg.lora.modules_to_save)[1]  # e.g. boi/eoi
     if extra:
         trainer.add_callback(ExtraParamsCallback(model, extra))
         if resume:  # the Trainer restores the peft adapter; bare parameters come from their own file
             extra_params.apply(model, extra_params.read(resume))
-    throughput.trainer = evaluator.trainer = trainer
+    trainer.add_callback(CheckpointCallback(trainer))  # last: its manifest marks the checkpoint complete
+    if resume and (Path(resume) / RUN_STATE).is_file():  # loss sums and counters of the part already trained
+        trainer.restore_run_state(json.loads((Path(resume) / RUN_STATE).read_text()))
+    evaluator.trainer = trainer
     if cfg.lora.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -151,15 +224,31 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
 
     # ---- Train ----
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except DivergedError:
+        raise  # its weights are not worth resuming from
+    except Exception as err:
+        saved = save_emergency_checkpoint(trainer)
+        where = (f"a resumable checkpoint was saved at {saved}; fix the cause, then rerun with --resume auto"
+                 if saved else "no step had finished, so there was nothing to save")
+        log(f"error during training at step {trainer.state.global_step}: {type(err).__name__}: {err}\n  {where}")
+        raise
     wall = time.time() - t0
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise DivergedError(f"training diverged: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]}); no adapter "
+                            f"was saved. Lower train.learning_rate (now {cfg.train.learning_rate:g}).")
+    train_loss = trainer.run_train_loss()
 
     # ---- Save ----
     if is_main:
         model.save_pretrained(str(out / "adapter"))
         extra_params.save(model, extra, out / "adapter")
         tokenizer.save_pretrained(str(out / "adapter"))
-        run_info = {
+        run_info.update({
+            "status": "completed",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "family_version": config.cogvlm_version,
             "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
             "base_config_hash": config_hash(cfg.model.checkpoint_dir),
@@ -169,29 +258,160 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
             "quant_mode": cfg.quant.mode,
             "targets": cfg.lora.targets,
             "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": train_loss,
+            "train_loss_tokens": trainer.run_loss_tokens + int(trainer._int_tokens),
             "skipped_nonfinite": trainer.skipped,
+            "skipped_images": skipped_images.value if skipped_images is not None else 0,
             "wall_seconds": round(wall, 2),
             "versions": library_versions(),
-        }
-        write_atomic(out / "run.json", json.dumps(run_info, indent=2))
+        })
+        write_run_json(out, run_info)
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
-            f"final train loss {result.training_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
+            f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
     return out
 
 
-def clear_run_folder(out: Path, log=print) -> None:
-    """output.overwrite: remove what an earlier run left (checkpoints above all, which resume=auto would
-    otherwise pick up as if they belonged to this run)."""
+def write_run_json(out: Path, info: dict) -> None:
+    """run.json: what the run is (status running/failed/completed) and, once completed, what merge needs."""
+    from .train_utils import write_atomic
+
+    write_atomic(out / "run.json", json.dumps(info, indent=2))
+
+
+def save_emergency_checkpoint(trainer) -> Path | None:
+    """After an unexpected error: save the last finished step as a normal, verified checkpoint.
+
+    Weights change only at optimizer steps, so the state at `global_step` is consistent; resuming redoes
+    the interrupted step's micro-batches. Returns the folder, or None when there was nothing to save.
+    """
+    step = trainer.state.global_step
+    if step == 0:
+        return None
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    from .train_utils import checkpoint_problem
+
+    if folder.is_dir() and checkpoint_problem(folder) is None:
+        return folder
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own writer: resume reads what it wrote
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    except Exception as err:  # noqa: BLE001 - the original error matters more; say why nothing was saved
+        print(f"warning: could not save a checkpoint after the error: {err}", file=sys.stderr)
+        return None
+    return folder if checkpoint_problem(folder) is None else None
+
+
+def step_warnings(cfg: RunConfig, rows: int | None, world: int = 1) -> list[str]:
+    """Warnings for a run too short to learn or to plot: fewer than ~20 optimizer steps or ~5 logged points."""
+    import math
+
+    t = cfg.train
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if t.max_steps > 0:
+        steps, how = t.max_steps, f"train.max_steps={t.max_steps}"
+    elif rows is None:
+        return []
+    else:
+        batches = math.ceil(rows / (t.per_device_train_batch_size * world))
+        steps = math.ceil(max(batches // t.gradient_accumulation_steps, 1) * t.num_train_epochs)
+        how = (f"{rows} rows / ({t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} "
+               f"accumulation x {world} device(s)) x {t.num_train_epochs:g} epoch(s)")
+    out = []
+    if steps < 20:
+        fix = ("raise train.max_steps" if t.max_steps > 0 else
+               f"lower train.gradient_accumulation_steps (now {t.gradient_accumulation_steps}) or "
+               f"train.per_device_train_batch_size (now {t.per_device_train_batch_size}), or raise "
+               f"train.num_train_epochs (now {t.num_train_epochs:g})")
+        out.append(f"this run takes only {steps} optimizer steps ({how}, {per_step} rows per step): too few to learn "
+                   f"much or to draw a curve; {fix}")
+    points = steps // max(t.logging_steps, 1) + 1
+    if points < 5:
+        out.append(f"only {points} loss point(s) will be logged (train.logging_steps={t.logging_steps} over {steps} "
+                   f"steps); set train.logging_steps={max(1, steps // 10)}")
+    return out
+
+
+# ---- run folder: what the kit wrote, what it may remove, where it resumes ----
+
+# Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
+_KIT_NAMES = re.compile(
+    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|"
+    r"eval_predictions_step\d+\.jsonl)(\..*)?")
+
+
+def kit_owned(entry: Path) -> bool:
+    return bool(_KIT_NAMES.fullmatch(entry.name))
+
+
+def run_inputs(cfg: RunConfig) -> dict[str, Path]:
+    """The run's inputs that must never sit inside its output folder."""
+    paths = {"model.checkpoint_dir": cfg.model.checkpoint_dir, "model.tokenizer_dir": cfg.model.tokenizer_dir,
+             "data.train_path": cfg.data.train_path, "data.eval_path": cfg.data.eval_path,
+             "data.image_root": cfg.data.image_root}
+    return {k: Path(v).resolve() for k, v in paths.items() if v}
+
+
+def prepare_run_folder(cfg: RunConfig, out: Path, log=print, clear: bool = True) -> Path | None:
+    """Check output.dir against the recipe; returns the checkpoint to resume from (None: a fresh run).
+
+    A fresh run needs an empty folder, or one holding only what an earlier run of the kit wrote: from a run
+    that trained nothing (failed early) it is reused as is; from one with checkpoints or an adapter it
+    needs output.overwrite=true. Either way only the kit's own files are removed, never anything else,
+    and never a folder that holds an input of the run.
+    """
     import shutil
 
-    for child in out.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-    log(f"output.overwrite: cleared {out}")
+    from .train_utils import checkpoint_problem, newest_complete_checkpoint
+
+    resume = None
+    if cfg.train.resume == "auto":
+        resume, skipped = newest_complete_checkpoint(out)
+        for folder, why in skipped:
+            log(f"resume: skipped {folder.name}: {why}")
+        if resume is None and skipped:
+            raise ValueError(f"cannot resume {out}: no complete checkpoint (" + "; ".join(
+                f"{f.name}: {why}" for f, why in skipped) + "). Start over with output.overwrite=true (removes only "
+                "the kit's files), or train into another output.dir.")
+        log(f"resume: {resume or 'no checkpoint found, starting fresh'}")
+        if resume is not None and clear:
+            for folder, _ in skipped:  # newer but incomplete: the kit's own, and the run will write them again
+                shutil.rmtree(folder)
+    elif cfg.train.resume:
+        resume = Path(cfg.train.resume)
+        problem = checkpoint_problem(resume, need_manifest=False)
+        if problem:
+            raise ValueError(f"cannot resume from {resume}: {problem}. Pick a complete checkpoint (train.resume=auto "
+                             "takes the newest one that verifies).")
+    elif out.is_dir() and any(out.iterdir()):
+        entries = sorted(out.iterdir())
+        ours = (out / "recipe.resolved.yaml").is_file() or (out / "run.json").is_file()
+        foreign = [e.name + ("/" if e.is_dir() else "") for e in entries if not (ours and kit_owned(e))]
+        inside = [f"{k} ({p})" for k, p in run_inputs(cfg).items() if p == out.resolve() or out.resolve() in p.parents]
+        if foreign or inside:
+            what = []
+            if foreign:
+                what.append(f"files the kit did not write: {', '.join(foreign[:8])}"
+                            + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""))
+            if inside:
+                what.append(f"inputs of this run: {', '.join(inside)}")
+            why = ("Nothing was removed: output.overwrite only ever removes what an earlier run of the kit wrote. "
+                   if cfg.output.overwrite else "")
+            raise ValueError(f"run folder {out} is not empty: it holds {'; '.join(what)}. {why}Train into another "
+                             "(or an empty) output.dir.")
+        trained = [e.name for e in entries if e.name == "adapter" or re.fullmatch(r"checkpoint-\d+", e.name)]
+        if trained and not cfg.output.overwrite:
+            raise ValueError(f"run folder {out} is not empty: it holds an earlier run ({', '.join(trained[:4])}). "
+                             "Use --resume auto (train.resume=auto) to continue it, output.overwrite=true to start "
+                             "over (removes only the kit's files), or another output.dir.")
+        if clear:
+            for entry in entries:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            log(f"output.overwrite: removed {len(entries)} entries an earlier run wrote in {out}" if trained else
+                f"run folder {out}: reusing it (it held only files of a run that trained nothing)")
+    if resume is not None:
+        check_same_recipe(out / "recipe.resolved.yaml", cfg)
+    return resume
 
 
 # Sections whose change makes a checkpoint belong to another experiment (train.* may change on resume,

@@ -5,7 +5,10 @@ Kept out of `recipe.py` so the recipe reads top to bottom; none of this subclass
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,18 +17,45 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, text: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+
+    mkstemp creates the file owner-only; it gets the mode a plain open() would give (0666 minus the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(text.encode() if isinstance(text, str) else text)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    On a CPU with AVX512-BF16, a Linear4bit called in eval mode without grad rewrites its weight into a
+    CPU-only packed layout, permanently; training after that runs the inference kernel, which has no
+    backward and adds the bias in place (`result += bias`: "a view of a leaf Variable that requires grad
+    is being used in an in-place operation"). Returns how many layers were switched off.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +78,36 @@ def guard_nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[tor
     return sum(p.sum() * 0.0 for p in params), True
 
 
+class DivergedError(ValueError):
+    """Training diverged: too many non-finite losses in a row, or non-finite trained weights."""
+
+
 class GuardedTrainer(Trainer):
-    """transformers' Trainer, changed only in `compute_loss` (its documented extension point).
+    """transformers' Trainer, changed in `compute_loss` (its documented extension point) and `log`.
 
     The model computes the loss itself (token-weighted through `num_items_in_batch`, lm_head on
-    labelled positions only); this adds the non-finite guard: such micro-batches are skipped and counted.
+    labelled positions only); this adds the non-finite guard: such micro-batches are skipped and counted,
+    and `max_nonfinite_steps` of them in a row stop the run (it diverged). The logged loss is the
+    token-weighted mean over the finite micro-batches of the interval (a skipped one is not a loss of 0),
+    and the run's train loss covers every finite micro-batch since step 0, across resumes.
     """
 
     skip_nonfinite: bool = True
+    max_nonfinite_steps: int = 10
     skipped: int = 0
+    skipped_images = None  # multiprocessing.Value set by the recipe when --skip-invalid guards image decoding
     tokens_seen: torch.Tensor | int = 0  # real (non-pad) tokens; attention_mask holds segment ids when packing
+    _nonfinite_run: int = 0
+    # token-weighted loss sums: (sum of per-token losses, labelled tokens) for the log interval and the whole run
+    _int_sum: torch.Tensor | float = 0.0
+    _int_tokens: torch.Tensor | int = 0
+    _int_skipped: int = 0
+    run_loss_sum: float = 0.0
+    run_loss_tokens: int = 0
+    _tok_rate: float | None = None
+    _log_t: float | None = None
+    _log_tokens: int = 0
+    eval_seconds: float = 0.0  # time spent in EvalCallback, left out of tokens/s
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -65,10 +115,97 @@ class GuardedTrainer(Trainer):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        if self.skip_nonfinite and model.training:
-            loss, skipped = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
-            self.skipped += skipped
+        if model.training:
+            labelled = (inputs["labels"][:, 1:] != -100).sum().detach()
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                scale = num_items_in_batch / self.accelerator.num_processes if num_items_in_batch is not None \
+                    else labelled
+                self._int_sum = self._int_sum + loss.detach().float() * scale
+                self._int_tokens = self._int_tokens + labelled
+                self._nonfinite_run = 0
+            else:
+                self._int_skipped += 1
+                self._nonfinite_run += 1
+                if self._nonfinite_run > self.max_nonfinite_steps:
+                    raise DivergedError(
+                        f"training diverged at step {self.state.global_step}: {self._nonfinite_run} micro-batches in "
+                        f"a row had a non-finite loss (train.max_nonfinite_steps={self.max_nonfinite_steps}); no "
+                        f"adapter was saved. Lower train.learning_rate (now {self.args.learning_rate:g}) or raise "
+                        "train.warmup_steps, and check the data with `cogtune validate`.")
+            if self.skip_nonfinite and not finite:
+                loss, _ = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
+                self.skipped += 1
         return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Train-loss lines get the finite-only loss, tokens/s (smoothed, eval time left out) and memory,
+        before the callbacks (console, TensorBoard) see them."""
+        if "loss" in logs and "train_loss" not in logs:
+            tokens = int(self._int_tokens)
+            if tokens:
+                logs["loss"] = round(float(self._int_sum) / tokens, 4)
+                self.run_loss_sum += float(self._int_sum)
+                self.run_loss_tokens += tokens
+            else:  # every micro-batch of the interval was skipped: nothing to report as a loss
+                del logs["loss"]
+            if self._int_skipped:
+                logs["skipped_nonfinite_in_interval"] = self._int_skipped
+            logs["skipped_nonfinite"] = self.skipped
+            self._int_sum, self._int_tokens, self._int_skipped = 0.0, 0, 0
+            self._add_throughput(logs)
+        if "train_loss" in logs:
+            logs["train_loss"] = self.run_train_loss()
+        super().log(logs, *args, **kwargs)
+
+    def run_train_loss(self) -> float:
+        """Token-weighted mean loss over every finite micro-batch of the run (resumed parts included)."""
+        total, tokens = self.run_loss_sum + float(self._int_sum), self.run_loss_tokens + int(self._int_tokens)
+        return total / tokens if tokens else float("nan")
+
+    def _add_throughput(self, logs: dict) -> None:
+        now, seen = time.time(), int(self.tokens_seen)  # one host sync per log line
+        logs["tokens_seen"] = seen
+        if self._log_t is not None:
+            busy = max(now - self._log_t - self.eval_seconds, 1e-9)
+            rate = (seen - self._log_tokens) / busy
+            # exponential moving average: one slow interval (data-loader start, a checkpoint) does not swing it
+            self._tok_rate = rate if self._tok_rate is None else 0.6 * self._tok_rate + 0.4 * rate
+            logs["tokens_per_s"] = round(self._tok_rate, 1)
+        self._log_t, self._log_tokens, self.eval_seconds = now, seen, 0.0
+        if torch.cuda.is_available():
+            logs["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:
+            import resource
+
+            logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        if self.skipped_images is not None:
+            logs["skipped_images"] = self.skipped_images.value
+
+    # ---- state that checkpoints carry beside the Trainer's own ----
+    def run_state(self) -> dict:
+        return {"loss_sum": self.run_loss_sum + float(self._int_sum),
+                "loss_tokens": self.run_loss_tokens + int(self._int_tokens),
+                "skipped_nonfinite": self.skipped, "tokens_seen": int(self.tokens_seen),
+                "skipped_images": self.skipped_images.value if self.skipped_images is not None else 0}
+
+    def restore_run_state(self, state: dict) -> None:
+        self.run_loss_sum, self.run_loss_tokens = float(state.get("loss_sum", 0.0)), int(state.get("loss_tokens", 0))
+        self.skipped, self.tokens_seen = int(state.get("skipped_nonfinite", 0)), int(state.get("tokens_seen", 0))
+        if self.skipped_images is not None:
+            self.skipped_images.value = int(state.get("skipped_images", 0))
+
+
+def real_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: bitsandbytes packs two 4-bit weights per stored byte (Params4bit)."""
+    if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+        return int(torch.Size(p.quant_state.shape).numel())
+    return p.numel()
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of trainable parameters holding NaN/inf (a diverged run must not save them)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
 
 
 class ExtraParamsCallback(TrainerCallback):
@@ -83,36 +220,179 @@ class ExtraParamsCallback(TrainerCallback):
         extra_params.save(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
-class ThroughputCallback(TrainerCallback):
-    """Adds tokens/s, peak memory and the non-finite skip count to every log line (and TensorBoard)."""
+# ---- checkpoints: a manifest marks a complete one; resume verifies it ----
 
-    def __init__(self) -> None:
-        self.trainer: GuardedTrainer | None = None  # set by the recipe once the Trainer exists
-        self._t = None
-        self._tokens = 0
+MANIFEST = "cogtune-manifest.json"
+RUN_STATE = "cogtune-run-state.json"
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "optimizer.pt",
+                    "scheduler.pt")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Record every file of a finished checkpoint (size, sha256); written last, it marks the checkpoint complete."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_atomic(folder / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+    return folder / MANIFEST
+
+
+def checkpoint_problem(folder: str | Path, need_manifest: bool = True) -> str | None:
+    """Why `folder` cannot be resumed from (None when it can): incomplete, altered, or non-finite weights."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, meta in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != meta["size"]:
+                return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
+            if _sha256(path) != meta["sha256"]:
+                return f"{name} differs from the checksum recorded when it was saved"
+    elif need_manifest:
+        return f"no {MANIFEST}: the save was interrupted (or the checkpoint predates it)"
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing (resuming would restart the optimizer or the schedule)"
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                for key in fh.keys():
+                    if not bool(torch.isfinite(fh.get_tensor(key)).all()):
+                        return f"{weights.name}: tensor {key} holds NaN/inf"
+        except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            return f"{weights.name} is unreadable ({exc})"
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders of a run folder, newest first."""
+    import re
+
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def newest_complete_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies, [(newer checkpoint, why it was skipped), ...])."""
+    skipped = []
+    for folder in list_checkpoints(out):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+class CheckpointCallback(TrainerCallback):
+    """After the Trainer (and ExtraParamsCallback) wrote a checkpoint: the run state, then the manifest.
+
+    Add it after every other callback that writes into checkpoints: the manifest must come last.
+    """
+
+    def __init__(self, trainer: GuardedTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            write_atomic(folder / RUN_STATE, json.dumps(self.trainer.run_state()))
+            write_manifest(folder)
+
+
+class ProgressLineCallback(TrainerCallback):
+    """One progress line with ETA every `every_s` seconds (and at each log) when stderr is not a terminal.
+
+    tqdm's bar needs a terminal; piped through tee/nohup the run would otherwise be silent between logs.
+    COGTUNE_TQDM=1 forces the bar instead.
+    """
+
+    def __init__(self, every_s: float = 30.0, log=print) -> None:
+        self.every_s, self.log = every_s, log
+        self._t0 = self._last = None
+        self._step0 = 0
+        self._loss = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._t, self._tokens = time.time(), 0
+        self._t0 = self._last = time.time()
+        self._step0 = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self._t is None or "loss" not in logs or self.trainer is None:
-            return
-        now, seen = time.time(), int(self.trainer.tokens_seen)  # one host sync per log line
-        logs["tokens_seen"] = seen
-        logs["tokens_per_s"] = round((seen - self._tokens) / max(now - self._t, 1e-9), 1)
-        self._t, self._tokens = now, seen
-        if torch.cuda.is_available():
-            logs["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        else:
-            import resource
+        if logs and "loss" in logs:
+            self._loss = logs["loss"]
+            self._print(state, logs.get("tokens_per_s"))
 
-            logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        logs["skipped_nonfinite"] = self.trainer.skipped
-        bar = next((getattr(cb, "training_bar", None) for cb in self.trainer.callback_handler.callbacks
-                    if getattr(cb, "training_bar", None) is not None), None)
-        if bar is not None:  # the progress bar itself shows throughput and memory
-            mem = logs.get("peak_mem_gb", logs.get("peak_rss_gb"))
-            bar.set_postfix(loss=logs["loss"], tok_s=logs["tokens_per_s"], mem_gb=mem, refresh=False)
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._last is not None and time.time() - self._last >= self.every_s:
+            self._print(state, None)
+
+    def _print(self, state, tok_s) -> None:
+        now = time.time()
+        self._last = now
+        done, total = state.global_step, max(state.max_steps, 1)
+        rate = (now - self._t0) / max(done - self._step0, 1)
+        eta = rate * max(total - done, 0)
+        parts = [f"step {done}/{total} ({100 * done / total:.0f}%)", f"elapsed {_hms(now - self._t0)}",
+                 f"ETA {_hms(eta)}"]
+        if self._loss is not None:
+            parts.append(f"loss {self._loss:.4f}")
+        if tok_s is not None:
+            parts.append(f"{tok_s:.0f} tok/s")
+        self.log("progress: " + ", ".join(parts))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class SkipBadImages(torch.utils.data.Dataset):
+    """--skip-invalid at run time: a row whose image cannot be decoded is replaced by the next good row,
+    counted (shared across DataLoader workers) and reported, instead of ending the run."""
+
+    def __init__(self, base, counter, log=None) -> None:
+        self.base, self.counter = base, counter
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        from data_formats.schema import ImageError
+
+        for attempt in range(min(len(self.base), 64)):
+            try:
+                return self.base[(i + attempt) % len(self.base)]
+            except (ImageError, OSError) as err:
+                with self.counter.get_lock():
+                    self.counter.value += 1
+                self.log(f"skipped at run time (--skip-invalid): row {(i + attempt) % len(self.base)}: {err}")
+        raise ValueError("64 rows in a row have images that cannot be decoded; run `cogtune validate` on the data")
 
 
 def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
@@ -263,6 +543,7 @@ class EvalCallback(TrainerCallback):
         if not self.examples or state.global_step == self._last_step or not state.is_world_process_zero:
             return
         self._last_step = state.global_step
+        t0 = time.time()
         metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
         gen, samples = generation_eval(model, self.tokenizer, self.convs, self.template,
                                        self.cfg.eval.max_new_tokens, self.cfg.eval.generation_rows)
@@ -276,6 +557,7 @@ class EvalCallback(TrainerCallback):
             write_atomic(self.out_dir / f"eval_predictions_step{state.global_step}.jsonl",
                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         if self.trainer is not None:
+            self.trainer.eval_seconds += time.time() - t0
             self.trainer.log(metrics)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
