@@ -138,6 +138,8 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
 
     Works on a meta-device model: only shapes are read.
     """
+    import math
+
     import torch.nn as nn
 
     matched = set(matched)
@@ -148,10 +150,12 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
         label = component_of(name)
         row = rows.setdefault(label, [0, 0, 0, 0])
         owner = name.rsplit(".", 1)[0]
+        qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: two 4-bit weights per stored element
+        numel = math.prod(qs.shape) if type(p).__name__ == "Params4bit" and qs is not None else p.numel()
         if any(owner == s or owner.startswith(s + ".") or name == s for s in save):
-            row[2] += p.numel()
+            row[2] += numel
         else:
-            row[0] += p.numel()
+            row[0] += numel
     for name in matched:
         mod = modules[name]
         if isinstance(mod, nn.Linear) or hasattr(mod, "in_features"):

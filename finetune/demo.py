@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 QUESTIONS = ["What color is the picture?", "What is the main color of this image?", "Which color fills the image?"]
+DEMO_PARTS = ("base", "data", "run", "merged")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-demo.yaml"
 
 
@@ -126,8 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # the demo folder is the demo's own; every run starts clean
+    marker = out / ".cogtune-demo"
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        print(f"error: {out} is not empty and was not written by `cogtune demo`; nothing was removed. Give --out "
+              "a new or empty folder.", file=sys.stderr)
+        return 2
+    for part in DEMO_PARTS:  # every run starts clean, removing only what an earlier demo wrote
+        if (out / part).exists():
+            shutil.rmtree(out / part)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `cogtune demo`: it rebuilds base/, data/, run/ and merged/ here on every run\n")
     # ---- 1. tiny base checkpoint + 2. synthetic task ----
     base = make_tiny(2, out / "base", seed=args.seed)
     train_path, eval_path = write_task(out / "data", args.train_rows, args.eval_rows, args.seed)

@@ -224,8 +224,15 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Train ----
     t0 = time.time()
+    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume and 0 < cfg.train.max_steps <= done:
+            # the Trainer would run one more step past max_steps; there is nothing left to train
+            log(f"resume: {Path(resume).name} already reached train.max_steps={cfg.train.max_steps}; nothing left "
+                "to train, saving its adapter (raise train.max_steps to train longer)")
+            restore_checkpoint_weights(trainer, Path(resume))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except DivergedError:
         raise  # its weights are not worth resuming from
     except Exception as err:
@@ -272,6 +279,16 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     return out
 
 
+def restore_checkpoint_weights(trainer, folder: Path) -> None:
+    """Load a checkpoint's adapter weights and trainer state without training (resume at max_steps)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(folder / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+
+
 def write_run_json(out: Path, info: dict) -> None:
     """run.json: what the run is (status running/failed/completed) and, once completed, what merge needs."""
     from .train_utils import write_atomic
@@ -314,7 +331,7 @@ def step_warnings(cfg: RunConfig, rows: int | None, world: int = 1) -> list[str]
         return []
     else:
         batches = math.ceil(rows / (t.per_device_train_batch_size * world))
-        steps = math.ceil(max(batches // t.gradient_accumulation_steps, 1) * t.num_train_epochs)
+        steps = math.ceil(math.ceil(batches / t.gradient_accumulation_steps) * t.num_train_epochs)
         how = (f"{rows} rows / ({t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} "
                f"accumulation x {world} device(s)) x {t.num_train_epochs:g} epoch(s)")
     out = []

@@ -199,7 +199,7 @@ class GuardedTrainer(Trainer):
 def real_numel(p: torch.Tensor) -> int:
     """Parameters a tensor stands for: bitsandbytes packs two 4-bit weights per stored byte (Params4bit)."""
     if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
-        return int(torch.Size(p.quant_state.shape).numel())
+        return int(torch.Size(p.quant_state.shape).numel())  # the unpacked weight's shape
     return p.numel()
 
 
