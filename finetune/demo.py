@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     out = Path(args.out)
     marker = out / ".cogtune-demo"
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    # an earlier demo's folder, from before the marker: only base/ data/ run/ merged/, and run/ is a kit run
+    legacy = out.is_dir() and (out / "run" / "recipe.resolved.yaml").is_file() and all(
+        p.name in DEMO_PARTS for p in out.iterdir())
+    if out.is_dir() and any(out.iterdir()) and not (marker.is_file() or legacy):
         print(f"error: {out} is not empty and was not written by `cogtune demo`; nothing was removed. Give --out "
               "a new or empty folder.", file=sys.stderr)
         return 2

@@ -336,7 +336,7 @@ class ProgressLineCallback(TrainerCallback):
         self.every_s, self.log = every_s, log
         self._t0 = self._last = None
         self._step0 = 0
-        self._loss = None
+        self._loss = self._lr = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last = time.time()
@@ -344,7 +344,7 @@ class ProgressLineCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self._loss = logs["loss"]
+            self._loss, self._lr = logs["loss"], logs.get("learning_rate")
             self._print(state, logs.get("tokens_per_s"))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -361,6 +361,8 @@ class ProgressLineCallback(TrainerCallback):
                  f"ETA {_hms(eta)}"]
         if self._loss is not None:
             parts.append(f"loss {self._loss:.4f}")
+        if self._lr is not None:
+            parts.append(f"lr {self._lr:.3g}")
         if tok_s is not None:
             parts.append(f"{tok_s:.0f} tok/s")
         self.log("progress: " + ", ".join(parts))
