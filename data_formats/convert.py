@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogtune convert: {failure}; {kept} (fix the problems above and run again)", file=sys.stderr)
         return 1
     print(f"{n} rows written to {out}, {total_skipped} skipped" + (f" ({reasons})" if reasons else ""))
-    if outside and not args.allow_outside_images:
+    if outside:
         print(f"note: {outside} image paths lie outside {out_dir} and were written as absolute paths; "
               "validate and train with --image-root (data.image_root) set to their folder, or with "
               "--allow-outside-images (data.allow_outside_images: true)")
