@@ -172,6 +172,25 @@ def test_skip_invalid_skips_bad_images_and_encoding_agrees(broken_images, tmp_pa
     assert all(tds[i]["images"][0].shape == (3, 28, 28) for i in range(len(tds)))  # nothing left to fail
 
 
+def test_parallel_decode_check_finds_truncated_jpegs_once_per_image(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for i in range(12):  # enough distinct images for the thread pool
+        Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.jpg", quality=90)
+    for i in (3, 7):  # truncated JPEGs (a cut download): JPEG draft decoding must still see it
+        data = (tmp_path / f"{i}.jpg").read_bytes()
+        (tmp_path / f"{i}.jpg").write_bytes(data[: len(data) * 2 // 3])
+    (tmp_path / "11.jpg").write_bytes(b"")
+    rows = [{"id": f"r{i}-{k}", "images": [f"{i}.jpg"], "messages": QA} for i in range(12) for k in range(2)]
+    path = _jsonl(tmp_path / "train.jsonl", rows)
+    calls = []
+    real = schema.check_image
+    monkeypatch.setattr(schema, "check_image", lambda ref: (calls.append(ref), real(ref))[1])
+    convs, report = check_file(path)
+    bad = sorted({p.source for p in report.errors})
+    assert bad == sorted(f"{path}:{n}" for i in (3, 7, 11) for n in (2 * i + 1, 2 * i + 2))
+    assert len(convs) == 18 and len(calls) == 12  # each distinct image decoded once
+
+
 def test_lazy_decode_failure_is_an_image_decode_error(tmp_path):
     good = _red(tmp_path)
     path = _jsonl(tmp_path / "train.jsonl", [{"id": "r1", "images": ["red.png"], "messages": QA}])
