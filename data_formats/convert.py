@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = out.resolve().parent
     # Image paths must stay under the input's image folder (or the output's folder, where `hf` writes
     # images) unless --allow-outside-images: a row cannot make convert open /etc/shadow.
-    in_root = Path(args.image_root) if args.image_root else (src if src.is_dir() else src.parent)
+    # cogvlm-sft and hf read images next to the input whatever --image-root says; the others resolve
+    # them against --image-root when given.
+    in_root = Path(args.image_root) if args.image_root and args.fmt not in ("cogvlm-sft", "hf") else src.parent
     roots = (in_root, out_dir)
     skipped: Counter[str] = Counter()
     reports: list[str] = []

@@ -172,6 +172,26 @@ def test_skip_invalid_skips_bad_images_and_encoding_agrees(broken_images, tmp_pa
     assert all(tds[i]["images"][0].shape == (3, 28, 28) for i in range(len(tds)))  # nothing left to fail
 
 
+def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path):
+    """train_utils.build_datasets (what `cogtune train` runs): bad images, a malformed line and a BOM, with
+    data.skip_invalid: the run starts, the log's counts match the rows in the training set, all of which load."""
+    from dataclasses import replace
+
+    from finetune.config import RunConfig
+    from finetune.train_utils import build_datasets
+
+    text = broken_images.read_text()
+    broken_images.write_bytes(b"\xef\xbb\xbf" + (text + '{"id": "cut", "messages": [{"ro\n').encode())
+    cfg = RunConfig()
+    cfg = replace(cfg, data=replace(cfg.data, train_path=str(broken_images), skip_invalid=True, max_length=256,
+                                    num_workers=0))
+    logs: list[str] = []
+    train, *_ = build_datasets(cfg, build_tiny_tokenizer(2), tiny_config(2), "chat", log=lambda x: logs.append(str(x)))
+    log = "\n".join(logs)
+    assert log.count("4 invalid rows skipped") == 2 and "3/7 rows encoded" in log  # validation and encoder agree
+    assert len(train) == 3 and [train[i]["id"] for i in range(3)] == ["ok0", "ok1", "ok2"]
+
+
 def test_parallel_decode_check_finds_truncated_jpegs_once_per_image(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for i in range(12):  # enough distinct images for the thread pool
