@@ -152,6 +152,14 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
     convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
                                     check_images=check_images, allow_outside_images=allow_outside_images)
     rows = sum(1 for line in lines if line.strip())
+    foreign = [p for p in problems if p.kind == "foreign format"]
+    if rows > 1 and not convs and len(foreign) == rows == len(problems):  # a whole file in another layout: say it once
+        sample = [obj for obj, why in (loads_row(line) for line in lines[:200] if line.strip()) if why is None]
+        name, fmt = _layout(sample)
+        out = path.with_name(f"{path.stem}-converted.jsonl")
+        problems = [Problem(str(path), "file", f"every row ({rows}) is in {name} layout, not cogtune's "
+                            "(role/content `messages`)", f"run `cogtune convert --from {fmt or 'llava'} {path} --out "
+                            f"{out}` and validate the output", "error", "foreign format")]
     if rows == 0:
         problems.append(Problem(str(path), "file", "has no rows", "each line must be one JSON object (see "
                                 "data_formats/README.md); `cogtune convert` writes such a file", "error",

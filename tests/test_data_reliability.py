@@ -369,7 +369,7 @@ def outside(tmp_path):
     (root / "linkdir").symlink_to(tmp_path / "secret")
     refs = ["../secret/secret.png", "../secret/missing.png", str(tmp_path / "secret" / "secret.png"),
             f"file://{tmp_path / 'secret' / 'secret.png'}", "link.png", "linkdir/secret.png", "imgs/../../etc/passwd",
-            "/etc/shadow"]
+            "/etc/shadow", "~/.ssh/id_rsa", f"/proc/{os.getpid()}/environ"]
     rows = [{"id": f"o{i}", "images": [ref], "messages": QA} for i, ref in enumerate(refs)]
     rows.append({"id": "in", "images": ["imgs/../imgs/red.png"], "messages": QA})
     return root, _jsonl(root / "train.jsonl", rows), len(refs)
@@ -511,6 +511,14 @@ def test_validate_sniffs_sharegpt_and_broken_arrays(tmp_path, capsys):
     rc, out, _ = _validate(capsys, path, "--model", "cogvlm2-llama3-chat-19b")
     problems = [line for line in out.splitlines() if line.startswith(f"{path}:")]
     assert rc == 1 and len(problems) == 1 and "starts like a JSON array" in problems[0]
+
+
+def test_validate_sniffs_llava_jsonl(tmp_path, capsys):
+    path = _jsonl(tmp_path / "llava.jsonl", LLAVA[:30])
+    rc, out, _ = _validate(capsys, path, "--model", "cogvlm2-llama3-chat-19b")
+    problems = [line for line in out.splitlines() if line.startswith(f"{path}:")]
+    assert rc == 1 and len(problems) == 1 and "every row (30) is in LLaVA layout" in problems[0]
+    assert "cogtune convert --from llava" in problems[0]
 
 
 def test_jsonl_with_a_bad_first_line_is_still_checked_row_by_row(tmp_path):
