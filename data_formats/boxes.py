@@ -19,6 +19,7 @@ Pure Python: no torch, no PIL.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -40,7 +41,12 @@ def check_box(box: Sequence[float], fmt: BoxFormat, image_size: tuple[int, int] 
         return f"expected 4 numbers, got {box!r}"
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
         return f"expected 4 numbers, got {box!r}"
-    a, b, c, d = (float(v) for v in box)
+    try:
+        a, b, c, d = (float(v) for v in box)
+    except OverflowError:  # an integer too large for a float
+        return f"values out of range, got {box!r}"
+    if not all(math.isfinite(v) for v in (a, b, c, d)):
+        return f"values must be finite numbers (no NaN or Infinity), got {box!r}"
     if fmt == "xywh":
         if c <= 0 or d <= 0:
             return f"width and height must be > 0, got {box!r}"

@@ -2,7 +2,9 @@
 
 Every converted row is checked with the same rules as `cogtune validate` (structure, images exist,
 an answer is present); rows that fail are skipped and each is reported as `file:line: ...`, with a
-count per reason at the end, so nothing disappears silently. The output is written atomically.
+count per reason at the end, so nothing disappears silently. The output is published atomically and
+only when complete and non-empty: a failure or zero rows leave an existing output as it was (exit 1).
+Image paths must lie under the input's folder (or `--image-root`) unless `--allow-outside-images`.
 Image paths in the output are relative to the output's folder when the image lies under it, else
 absolute.
 """
@@ -84,8 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-column", help="hf: column holding the user turn")
     p.add_argument("--answer-column", help="hf: column holding the answer")
     p.add_argument("--prompt", help="hf: fixed user turn when there is no question column (captioning)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths outside the input's folder / --image-root (refused by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+class _Incomplete(Exception):
+    """The input could not be read to the end: nothing is published."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogtune convert: {src}: not found", file=sys.stderr)
         return 2
     out_dir = out.resolve().parent
+    # Image paths must stay under the input's image folder (or the output's folder, where `hf` writes
+    # images) unless --allow-outside-images: a row cannot make convert open /etc/shadow.
+    # cogvlm-sft and hf read images next to the input whatever --image-root says; the others resolve
+    # them against --image-root when given.
+    in_root = Path(args.image_root) if args.image_root and args.fmt not in ("cogvlm-sft", "hf") else src.parent
+    roots = (in_root, out_dir)
     skipped: Counter[str] = Counter()
     reports: list[str] = []
+    outside = 0
 
     def rows() -> Iterator[dict]:
+        nonlocal outside
         from tqdm import tqdm
 
         try:
@@ -107,27 +123,47 @@ def main(argv: list[str] | None = None) -> int:
                                               file=sys.stderr):
                 if row is not None and not problems:
                     # Same rules as `cogtune validate`, minus image decoding and the per-model image limit.
-                    conv, problems = parse_row(row, source, Path("/"), default_id=row.get("id", ""))
+                    conv, problems = parse_row(row, source, Path("/"), default_id=row.get("id", ""), roots=roots,
+                                               allow_outside_images=args.allow_outside_images)
                     if conv is not None:
                         canonical = conv.to_json()
                         canonical["images"] = [_portable(r, out_dir) for r in conv.images]
+                        outside += sum(1 for r in canonical["images"] if os.path.isabs(r))
+                        if "boxes" in row:  # keep `<box>` markers and the boxes as given (pixel boxes stay exact)
+                            canonical["messages"] = [dict(m) for m in row["messages"]]
+                            canonical["boxes"] = row["boxes"]
+                            canonical["box_format"] = row.get("box_format")
                         yield canonical
                         continue
                 errors = [p for p in problems if p.level == "error"]
                 skipped[errors[0].kind if errors else "skipped"] += 1
                 reports.extend(str(p) for p in errors)
+                if any(p.field == "file" for p in errors):  # the rest of the input is unreadable
+                    raise _Incomplete()
         except ValueError as exc:  # a bad option (e.g. --role-map), not bad data
             reports.append(f"cogtune convert: {exc}")
-            skipped["bad option"] += 1
+            raise _Incomplete() from None
 
-    n = write_jsonl(out, rows())
+    try:
+        n = write_jsonl(out, rows())
+        failure = "" if n else "no row could be converted"
+    except _Incomplete:
+        n, failure = 0, "the input could not be read to the end"
+    except OSError as exc:
+        n, failure = 0, f"cannot write {out}: {exc.strerror or exc}"
     for line in reports:
         print(line, file=sys.stderr)
     total_skipped = sum(skipped.values())
     reasons = ", ".join(f"{kind}: {count}" for kind, count in skipped.most_common())
-    print(f"{n} rows written to {out}, {total_skipped} skipped" + (f" ({reasons})" if reasons else ""))
-    if n == 0 and os.path.exists(out) and total_skipped:
+    if failure:
+        kept = f"{out} was left as it was" if out.exists() else f"{out} was not written"
+        print(f"cogtune convert: {failure}; {kept} (fix the problems above and run again)", file=sys.stderr)
         return 1
+    print(f"{n} rows written to {out}, {total_skipped} skipped" + (f" ({reasons})" if reasons else ""))
+    if outside:
+        print(f"note: {outside} image paths lie outside {out_dir} and were written as absolute paths; "
+              "validate and train with --image-root (data.image_root) set to their folder, or with "
+              "--allow-outside-images (data.allow_outside_images: true)")
     return 0
 
 

@@ -88,7 +88,11 @@ def convert_row(obj: Any, source: str, base_dir: Path, role_map: dict[str, str],
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     rid = obj.get("id", default_id)
-    return source, {"id": str(rid), "images": image_list(obj, base_dir), "messages": messages}, []
+    row = {"id": str(rid), "images": image_list(obj, base_dir), "messages": messages}
+    for key in ("boxes", "box_format"):  # grounding rows keep their boxes (checked like canonical rows)
+        if key in obj:
+            row[key] = obj[key]
+    return source, row, []
 
 
 def convert(path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:

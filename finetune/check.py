@@ -24,7 +24,8 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
 
     convs, _ = load_and_validate(cfg.data.train_path, image_root=cfg.data.image_root,
                                  max_images=None if cfg.data.allow_multi_image else 1,
-                                 skip_invalid=cfg.data.skip_invalid)
+                                 skip_invalid=cfg.data.skip_invalid,
+                                 allow_outside_images=cfg.data.allow_outside_images)
     with tempfile.TemporaryDirectory(prefix="cogtune-check-") as tmp:
         subset = Path(tmp) / "rows.jsonl"
         with open(subset, "w") as fh:
@@ -32,7 +33,8 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
                 fh.write(json.dumps(c.to_json()) + "\n")
         quick = replace(
             cfg,
-            data=replace(cfg.data, train_path=str(subset), eval_path=None, image_root=None, num_workers=0),
+            data=replace(cfg.data, train_path=str(subset), eval_path=None, num_workers=0,
+                         image_root=cfg.data.image_root or str(Path(cfg.data.train_path).parent)),
             train=replace(cfg.train, max_steps=steps, gradient_accumulation_steps=1, per_device_train_batch_size=min(
                 rows, len(convs)), warmup_steps=0, lr_scheduler_type="constant", logging_steps=1, save_steps=10**9,
                 report_to=["none"], resume=None),

@@ -51,6 +51,7 @@ class DataSection:
     packing: bool = _f(False, "pack several rows into one sequence (padding-free, block-diagonal attention)")
     allow_multi_image: bool = _f(False, "let a row carry several <image> spans (beyond what official models saw)")
     skip_invalid: bool = _f(False, "skip rows that fail validation (counted and reported) instead of stopping")
+    allow_outside_images: bool = _f(False, "accept image paths outside the data root (JSONL folder or image_root)")
     streaming: bool = _f(False, "read the training file lazily (huge files); needs train.max_steps > 0")
     num_workers: int = _f(2, "DataLoader workers that decode and resize images")
 

@@ -9,14 +9,18 @@ is moved to a device here.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from data_formats.schema import ImageError
 
 from .processing_cogvlm import EncodedExample, RowTooLong, encode_conversation, load_and_transform_image
 
@@ -54,28 +58,62 @@ def _fingerprint(source: str, tokenizer: Any, settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _line_numbers(path: Path) -> list[int]:
-    """1-based line number of each non-blank line: `datasets` skips blank lines, messages must not."""
-    with path.open(encoding="utf-8") as fh:
-        return [n for n, line in enumerate(fh, start=1) if line.strip()]
+_LINE_FEATURES = {"line": "int64", "text": "string", "error": "string"}
 
 
-def _encode_batch(batch: dict[str, list], indices: list[int], *, path: str, base_dir: str, tokenizer: Any,
-                  settings: dict[str, Any], lines: list[int] | None = None) -> dict[str, list]:
-    """Rows -> encoded columns; rows that are invalid or too long get a `skip` reason (filtered and counted)."""
-    from data_formats.schema import parse_row
+def read_lines(path: str, signature: str = "") -> Iterator[dict[str, Any]]:
+    """Non-blank lines of a JSONL file as {line, text, error}: the kit's own reader for `datasets`.
+
+    Lines are split on b"\n" only (never on U+2028), a leading BOM is dropped, and each line is decoded
+    on its own, so a malformed, truncated or non-UTF-8 line becomes one skipped row instead of reaching
+    pyarrow's JSON parser (which fails the whole file). `signature` only keys the cache.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text, error = raw.decode("utf-8"), ""
+            except UnicodeDecodeError as exc:
+                text, error = "", f"line: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+            if error or text.strip():
+                yield {"line": lineno, "text": text, "error": error}
+
+
+def _file_signature(path: Path) -> str:
+    """Content hash (with size and mtime), so an edited file never reuses a stale cache."""
+    st = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"{st.st_size}-{st.st_mtime_ns}-{digest.hexdigest()}"
+
+
+def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, tokenizer: Any, settings: dict[str, Any],
+                  allow_outside_images: bool = False, rejected: dict[int, str] | None = None) -> dict[str, list]:
+    """Rows -> encoded columns; rows that are invalid or too long get a `skip` reason (filtered and counted).
+
+    `rejected`: {line: reason} of rows the up-front validation refused (e.g. an image that does not
+    decode), skipped here too so that what trains is exactly what validation accepted.
+    """
+    from data_formats.schema import loads_row, parse_row
 
     out: dict[str, list] = {k: [] for k in _COLUMNS}
-    keys = list(batch)
-    for j, idx in enumerate(indices):
-        # `datasets` fills keys that other rows have with None; the schema reads absent keys instead.
-        obj = {k: batch[k][j] for k in keys if batch[k][j] is not None}
-        line = lines[idx] if lines is not None else idx + 1  # streaming: row number (blank lines not known)
+    for line, text, error in zip(batch["line"], batch["text"], batch["error"], strict=True):
         source = f"{path}:{line}"
-        conv, problems = parse_row(obj, source, Path(base_dir), default_id=f"{Path(path).stem}-{line}",
-                                   max_images=None, check_images=False, require_answer=True)
+        obj, why = (None, error) if error else loads_row(text)
+        conv, problems = None, []
+        if why is None and rejected and line in rejected:
+            why = rejected[line]
+        if why is None:
+            conv, problems = parse_row(obj, source, Path(base_dir), default_id=f"{Path(path).stem}-{line}",
+                                       max_images=None, check_images=False, require_answer=True,
+                                       allow_outside_images=allow_outside_images)
         skip, ex = "", None
-        if conv is None:
+        if why is not None:
+            skip = f"invalid: {why}"
+        elif conv is None:
             errors = [str(p) for p in problems if p.level == "error"]
             skip = "invalid: " + ("; ".join(errors) or "row rejected")
         else:
@@ -104,38 +142,49 @@ def encode_jsonl(
     allow_multi_image: bool = False,
     family: str | None = None,
     image_root: str | Path | None = None,
+    allow_outside_images: bool = False,
     streaming: bool = False,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[Any, EncodeStats | None]:
-    """Load a cogtune JSONL with `datasets` and encode every row (same rules as `encode_conversation`).
+    """Read a cogtune JSONL with the kit's line reader into `datasets` and encode every row (same rules as
+    `encode_conversation`).
 
     Returns (dataset of encoded rows with columns input_ids/token_type_ids/labels/images/dropped_turns/id,
     stats). With `streaming=True` the result is a lazy `IterableDataset`, rows are encoded as they are read,
     invalid/too-long rows are skipped on the fly and stats is None (they cannot be known up front).
-    Images are absolute refs (resolved against `image_root`, default the JSONL's folder), not yet decoded.
+    Images are absolute refs (resolved against `image_root`, default the JSONL's folder, and refused
+    outside it unless `allow_outside_images`), not yet decoded. Rows that `finetune.validate.load_and_validate`
+    rejected for this unchanged file (undecodable images included) are skipped and counted as invalid.
     """
-    from datasets import load_dataset
+    from datasets import Dataset, Features, IterableDataset, Value
+
+    from .validate import rejected_lines
 
     path = Path(path)
     base_dir = str(Path(image_root) if image_root is not None else path.parent)
     settings = dict(family_version=family_version, image_tokens=image_tokens, template_version=template_version,
                     max_length=max_length, last_turn_only=last_turn_only, allow_multi_image=allow_multi_image,
                     family=family)
-    raw = load_dataset("json", data_files=str(path), split="train", streaming=streaming,
-                       cache_dir=None if cache_dir is None else str(cache_dir))
-    fn_kwargs = dict(path=str(path), base_dir=base_dir, tokenizer=tokenizer, settings=settings)
+    rejected = rejected_lines(path, image_root, allow_outside_images) or {}
+    features = Features({k: Value(v) for k, v in _LINE_FEATURES.items()})
+    fn_kwargs = dict(path=str(path), base_dir=base_dir, tokenizer=tokenizer, settings=settings,
+                     allow_outside_images=allow_outside_images, rejected=rejected)
     if streaming:
-        encoded = raw.map(_encode_batch, batched=True, with_indices=True, fn_kwargs=fn_kwargs,
-                          remove_columns=list(raw.column_names or []))
+        raw = IterableDataset.from_generator(read_lines, features=features, gen_kwargs={"path": str(path)})
+        encoded = raw.map(_encode_batch, batched=True, fn_kwargs=fn_kwargs, remove_columns=list(_LINE_FEATURES))
         return encoded.filter(lambda row: not row["skip"]).remove_columns(["skip"]), None
 
-    fp = _fingerprint(raw._fingerprint, tokenizer, {**settings, "base_dir": base_dir})
-    lines = _line_numbers(path)
-    fn_kwargs["lines"] = lines
-    encoded = raw.map(_encode_batch, batched=True, with_indices=True, fn_kwargs=fn_kwargs, num_proc=num_proc,
+    signature = _file_signature(path)
+    raw = Dataset.from_generator(read_lines, features=features, gen_kwargs={"path": str(path), "signature": signature},
+                                 cache_dir=None if cache_dir is None else str(cache_dir))
+    fp = _fingerprint(signature, tokenizer, {**settings, "base_dir": base_dir, "path": str(path.resolve()),
+                                             "allow_outside_images": allow_outside_images,
+                                             "rejected": sorted(rejected.items())})
+    encoded = raw.map(_encode_batch, batched=True, fn_kwargs=fn_kwargs, num_proc=num_proc,
                       remove_columns=raw.column_names, new_fingerprint=fp, desc="tokenizing")
     skips = encoded["skip"]
+    lines = raw["line"]
     reasons = [f"{path}:{lines[i]}: {s}" for i, s in enumerate(skips) if s]
     stats = EncodeStats(
         rows=len(skips),
@@ -150,9 +199,20 @@ def encode_jsonl(
     return encoded.remove_columns(["skip"]), stats
 
 
+class ImageDecodeError(ImageError):
+    """An image of a training row failed to decode when a DataLoader worker loaded it (it broke or changed
+    after validation). A distinct type so the trainer can catch it, save a checkpoint and stop cleanly;
+    constructible from one message string, as DataLoader workers re-raise exceptions that way."""
+
+
 def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`."""
     row = dict(row)
-    row["images"] = [load_and_transform_image(ref, image_size) for ref in row["images"]]  # each (3, S, S)
+    try:
+        row["images"] = [load_and_transform_image(ref, image_size) for ref in row["images"]]  # each (3, S, S)
+    except (ImageError, OSError) as exc:
+        raise ImageDecodeError(f"row {row.get('id', '?')}: {exc}; run `cogtune validate` on the data, fix or "
+                               "remove the image, then resume") from None
     return row
 
 
@@ -171,18 +231,29 @@ class CogVLMDataset(torch.utils.data.Dataset):
 
 
 class CogVLMIterableDataset(torch.utils.data.IterableDataset):
-    """Streaming view: DataLoader workers take every num_workers-th row; images decoded per row."""
+    """Streaming view: DataLoader workers take every num_workers-th row; images decoded per row.
+
+    There is no validation pass before a stream, so a row whose image does not decode is skipped with a
+    message on stderr (counted in `skipped_images` of the worker's copy), like rows that fail validation.
+    """
 
     def __init__(self, encoded: Any, image_size: int) -> None:
         self.encoded = encoded
         self.image_size = image_size
+        self.skipped_images = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for i, row in enumerate(self.encoded):
             if i % workers == worker:
-                yield _with_images(row, self.image_size)
+                try:
+                    item = _with_images(row, self.image_size)
+                except ImageDecodeError as exc:  # streaming skips rows it cannot use, as it does invalid ones
+                    self.skipped_images += 1
+                    print(f"streaming: skipped {exc}", file=sys.stderr)
+                    continue
+                yield item
 
 
 def build_torch_dataset(encoded: Any, image_size: int) -> CogVLMDataset | CogVLMIterableDataset:

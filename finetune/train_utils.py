@@ -443,7 +443,8 @@ def read_conversations(path: str, image_root: str | None, cfg, log=print) -> lis
     from .validate import load_and_validate
 
     convs, report = load_and_validate(path, image_root=image_root, max_images=None if cfg.data.allow_multi_image
-                                      else 1, skip_invalid=cfg.data.skip_invalid)
+                                      else 1, skip_invalid=cfg.data.skip_invalid,
+                                      allow_outside_images=cfg.data.allow_outside_images)
     if report:
         log(report)
     return convs
@@ -469,7 +470,8 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
         read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
     settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
                     max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
-                    allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root)
+                    allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root,
+                    allow_outside_images=cfg.data.allow_outside_images)
     encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_formats.schema import Conversation, Problem, validate_rows
+from data_formats.schema import Conversation, Problem, loads_row, split_jsonl, validate_rows
 
 
 class DataValidationError(ValueError):
@@ -60,9 +61,9 @@ class ValidationReport:
         return bool(self.problems)
 
 
-def _read_lines(path: Path) -> tuple[list[str] | None, Problem | None]:
+def _read_text(path: Path) -> tuple[str | None, Problem | None]:
     try:
-        return path.read_text(encoding="utf-8").splitlines(), None
+        return path.read_text(encoding="utf-8"), None
     except FileNotFoundError:
         return None, Problem(str(path), "file", "not found", "check the path", "error", "missing file")
     except IsADirectoryError:
@@ -73,16 +74,92 @@ def _read_lines(path: Path) -> tuple[list[str] | None, Problem | None]:
                              "save the file as UTF-8", "error", "bad encoding")
 
 
+def _layout(rows: list) -> tuple[str, str | None]:
+    """(description, converter name or None) of a JSON array of rows in another tool's layout."""
+    sample = [r for r in rows[:50] if isinstance(r, dict)]
+
+    def turns_have(key: str, field: str) -> bool:
+        return any(isinstance(r.get(key), list) and any(isinstance(t, dict) and field in t for t in r[key])
+                   for r in sample)
+
+    if turns_have("conversations", "from") or turns_have("conversations", "value"):
+        return ("LLaVA", "llava") if any("image" in r for r in sample) else ("ShareGPT", "sharegpt")
+    if turns_have("messages", "from"):
+        return "ShareGPT", "sharegpt"
+    if any(isinstance(r.get("messages"), list) and any(isinstance(t, dict) and isinstance(t.get("content"), list)
+                                                       for t in r["messages"]) for r in sample):
+        return "OpenAI", "openai"
+    if any("query" in r and "response" in r for r in sample):
+        return "swift", "swift"
+    if any("messages" in r for r in sample):
+        return "cogtune (role/content)", "sharegpt"
+    return "unknown", None
+
+
+def sniff_whole_file(text: str, path: Path) -> tuple[Problem, int] | None:
+    """One problem for a file that is a single JSON document (an unconverted LLaVA/ShareGPT array, a
+    pretty-printed object) instead of JSONL, so the user reads one useful line, not "not valid JSON" per line.
+
+    Returns (problem, number of rows the document holds) or None when the file looks like JSONL.
+    """
+    body = text.lstrip("\ufeff \t\r\n")
+    if not body.startswith(("[", "{")):
+        return None
+    head = [loads_row(line) for line in body.split("\n", 200)[:200] if line.strip()][:5]
+    if any(why is None and isinstance(obj, dict) for obj, why in head):
+        return None  # JSONL: its rows get their own problems
+    data, why_whole = loads_row(body)
+    out = path.with_suffix(".jsonl") if path.suffix != ".jsonl" else path.with_name(f"{path.stem}-converted.jsonl")
+    if why_whole is not None:
+        if not body.startswith("["):
+            return None
+        return (Problem(str(path), "file", f"starts like a JSON array, not JSONL, and is not valid JSON "
+                        f"({why_whole})", "cogtune reads JSONL (one object per line); if this is LLaVA/ShareGPT "
+                        f"data, repair the JSON, then run `cogtune convert --from llava {path} --out {out}`",
+                        "error", "json document"), 1)
+    if isinstance(data, dict):
+        return (Problem(str(path), "file", "is one JSON object, not JSONL",
+                        "write one conversation object per line (data_formats/README.md)", "error",
+                        "json document"), 1)
+    if not isinstance(data, list):
+        return None
+    name, fmt = _layout(data)
+    if fmt is None:
+        return (Problem(str(path), "file", f"is a JSON array ({len(data)} elements), not JSONL",
+                        "write one conversation object per line, or convert it (`cogtune convert --help` lists "
+                        "the formats it reads)", "error", "json document"), len(data))
+    return (Problem(str(path), "file", f"is a JSON array in {name} layout ({len(data)} rows), not cogtune JSONL",
+                    f"run `cogtune convert --from {fmt} {path} --out {out}` and validate the output", "error",
+                    "json document"), len(data))
+
+
 def check_file(path: str | Path, *, image_root: str | Path | None = None, max_images: int | None = 1,
-               check_images: bool = True) -> tuple[list[Conversation], ValidationReport]:
-    """Structural validation of one file (no tokenizer): the valid rows and the report."""
+               check_images: bool = True,
+               allow_outside_images: bool = False) -> tuple[list[Conversation], ValidationReport]:
+    """Structural validation of one file (no tokenizer): the valid rows and the report.
+
+    Lines are split on "\n" only (JSONL), never on U+2028/U+2029; image paths must lie under the data
+    root (`image_root`, default the file's folder) unless `allow_outside_images`.
+    """
     path = Path(path)
-    lines, problem = _read_lines(path)
-    if lines is None:
+    text, problem = _read_text(path)
+    if text is None:
         return [], ValidationReport(str(path), 0, 0, [problem])
+    sniffed = sniff_whole_file(text, path)
+    if sniffed is not None:
+        return [], ValidationReport(str(path), sniffed[1], 0, [sniffed[0]])
+    lines = split_jsonl(text)
     convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
-                                    check_images=check_images)
+                                    check_images=check_images, allow_outside_images=allow_outside_images)
     rows = sum(1 for line in lines if line.strip())
+    foreign = [p for p in problems if p.kind == "foreign format"]
+    if rows > 1 and not convs and len(foreign) == rows == len(problems):  # a whole file in another layout: say it once
+        sample = [obj for obj, why in (loads_row(line) for line in lines[:200] if line.strip()) if why is None]
+        name, fmt = _layout(sample)
+        out = path.with_name(f"{path.stem}-converted.jsonl")
+        problems = [Problem(str(path), "file", f"every row ({rows}) is in {name} layout, not cogtune's "
+                            "(role/content `messages`)", f"run `cogtune convert --from {fmt or 'llava'} {path} --out "
+                            f"{out}` and validate the output", "error", "foreign format")]
     if rows == 0:
         problems.append(Problem(str(path), "file", "has no rows", "each line must be one JSON object (see "
                                 "data_formats/README.md); `cogtune convert` writes such a file", "error",
@@ -90,16 +167,46 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
     return convs, ValidationReport(str(path), rows, len(convs), problems)
 
 
+# What `load_and_validate` rejected, per file version, so that `finetune.dataset.encode_jsonl` skips
+# exactly those rows: the rows that train are the rows validation accepted (image decoding included).
+_REJECTED: dict[tuple, dict[int, str]] = {}
+
+
+def _file_key(path: str | Path, image_root: str | Path | None, allow_outside_images: bool) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    root = None if image_root is None else str(Path(image_root).resolve())
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, root, bool(allow_outside_images))
+
+
+def rejected_lines(path: str | Path, image_root: str | Path | None = None,
+                   allow_outside_images: bool = False) -> dict[int, str] | None:
+    """{line: reason} of rows the last `load_and_validate` of this unchanged file rejected; None if never validated."""
+    key = _file_key(path, image_root, allow_outside_images)
+    return None if key is None else _REJECTED.get(key)
+
+
 def load_and_validate(path: str | Path, image_root: str | Path | None = None, *, max_images: int | None = 1,
-                      skip_invalid: bool = False,
-                      check_images: bool = False) -> tuple[list[Conversation], ValidationReport]:
+                      skip_invalid: bool = False, check_images: bool = True,
+                      allow_outside_images: bool = False) -> tuple[list[Conversation], ValidationReport]:
     """Rows for training. Any error raises `DataValidationError` listing every problem, unless
     `skip_invalid`: then invalid rows are skipped and the report counts them (nothing dropped silently).
 
-    Images are checked for existence; `check_images=True` also decodes each one (slow on big sets;
-    `cogtune validate` does it).
+    Every image is decoded (`check_images`, on by default): a corrupt, truncated, empty or oversized
+    image is a row error here, before training, not a crash after hours.
     """
-    convs, report = check_file(path, image_root=image_root, max_images=max_images, check_images=check_images)
+    convs, report = check_file(path, image_root=image_root, max_images=max_images, check_images=check_images,
+                               allow_outside_images=allow_outside_images)
+    key = _file_key(path, image_root, allow_outside_images)
+    if key is not None:
+        rejected: dict[int, str] = {}
+        for p in report.errors:
+            line = _line_of(p.source)[1]
+            if line:
+                rejected.setdefault(line, f"{p.field}: {p.message}")
+        _REJECTED[key] = rejected
     if report.errors and not skip_invalid:
         raise DataValidationError(f"{report}\nfix the rows above (or set data.skip_invalid: true to skip them); "
                                   f"`cogtune validate {path} --model ...` prints the same list")
@@ -218,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images allowed per row (official checkpoints: 1; 0 = no limit)")
     p.add_argument("--image-root", help="folder relative image paths refer to (default: the JSONL's folder)")
     p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths outside the data root (the file's folder or --image-root)")
     return p
 
 
@@ -234,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     max_images = None if args.max_images <= 0 else args.max_images
     convs, report = check_file(args.data, image_root=args.image_root, max_images=max_images,
-                               check_images=not args.no_decode)
+                               check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
     lines: list[str] = []
     if info.tokenizer is not None and convs:
         lines, encode_problems = token_report(convs, info, args.max_length, max_images)
