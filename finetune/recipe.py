@@ -39,7 +39,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     from adapters import extra_params
     from adapters.lora import apply_lora
 
-    from .loading import load_config_and_tokenizer, load_weights
+    from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
     from .train_utils import (
         EvalCallback,
         ExtraParamsCallback,
@@ -163,6 +163,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
             "family_version": config.cogvlm_version,
             "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
             "base_config_hash": config_hash(cfg.model.checkpoint_dir),
+            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
             "tokenizer_dir": cfg.model.tokenizer_dir,
             "template_version": template,
             "image_tokens": config.image_tokens,
