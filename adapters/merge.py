@@ -338,10 +338,15 @@ def save_probe(path: Path, probe: dict[str, Any], reference: Any, template: str)
 
 def load_probe(path: Path) -> dict[str, Any]:
     """save_probe's file back (tensors only; a pickle or any other format is refused by safetensors)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    probe: dict[str, Any] = {"images": None, **load_file(str(path))}
-    return probe
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"probe {path} is not a safetensors probe written by merge ({err}); "
+                         "it was not loaded") from None
+    return {"images": None, **tensors}
 
 
 def probe_logits(model: Any, probe: dict[str, Any]) -> Any:
