@@ -761,9 +761,9 @@ def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
     from finetune.generation import generate_answers
     from finetune.tokenization import load_tokenizer
 
+    probe = load_probe(probe_file)  # first: a bad probe fails before the model loads
     model = load_base(folder, dtype)  # quantized folders carry their quantization_config
     tokenizer = load_tokenizer(folder, None, model.config)
-    probe = load_probe(probe_file)
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
     template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
     convs = probe_conversations(Path(probe_file).with_name("probe.png"))

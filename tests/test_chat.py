@@ -123,11 +123,31 @@ def test_repeating_answer_is_stopped(tiny_im, monkeypatch, capsys):
     assert len(notes) == 1 and full == tiny_im.tokenizer.decode(loop[:60], skip_special_tokens=True).strip()
 
 
-def test_library_warnings_stay_out_of_answers(tiny_im, monkeypatch, capfd):
+def test_library_warnings_stay_out_of_answers(tiny_im, monkeypatch):
     """issue 9.10/9.13: transformers' past_key_values deprecation was printed inside chat answers."""
+    import logging
+    import warnings
+
     from adapters.chat import answer
 
-    monkeypatch.setattr(tiny_im.model, "generate", _fake_generate(tiny_im.model, [17, 18, 19, 20], log_noise=True))
-    answer(tiny_im, str(IMAGE), [], "What is it?", template="chat")
-    out, err = capfd.readouterr()
-    assert "deprecated" not in out + err
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    caught: list[warnings.WarningMessage] = []
+    scripted = _fake_generate(tiny_im.model, [17, 18, 19, 20], log_noise=True)
+
+    def generate(**kwargs):
+        with warnings.catch_warnings(record=True) as seen:
+            out = scripted(**kwargs)
+        caught.extend(seen)
+        return out
+
+    monkeypatch.setattr(tiny_im.model, "generate", generate)
+    try:
+        answer(tiny_im, str(IMAGE), [], "What is it?", template="chat")
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r for r in records if "deprecated" in r.getMessage()]
+    assert not [w for w in caught if "deprecated" in str(w.message)]
