@@ -35,14 +35,14 @@ def require_folder(path: str | Path, what: str = "checkpoint folder") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         return path
-    where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+    where = what if path.is_absolute() else f"{what}, relative to the current folder {Path.cwd()}"
     if path.exists():
-        raise FileNotFoundError(f"{what} {given} is a file, not a folder{where}")
+        raise FileNotFoundError(f"not a folder: {given} is a file ({where})")
     hint = ""
     if not path.is_absolute() and given.count("/") == 1 and not given.startswith("."):
         hint = (f". Nothing is downloaded: if {given!r} is a Hub id, download it first "
                 f"(`huggingface-cli download {given} --local-dir DIR`) and pass DIR")
-    raise FileNotFoundError(f"folder does not exist: {given}{where} ({what}){hint}")
+    raise FileNotFoundError(f"folder does not exist: {given} ({where}){hint}")
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
