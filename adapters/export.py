@@ -23,10 +23,12 @@ from .merge import (
     DTYPES,
     AdapterSource,
     check_output,
+    clean_stale,
     merge_adapter,
     publish,
     resolve_adapter,
     staging_dir,
+    stale_candidates,
 )
 
 FORMATS = ("peft", "merged", "bnb-4bit", "bnb-8bit")
@@ -35,6 +37,7 @@ FORMATS = ("peft", "merged", "bnb-4bit", "bnb-8bit")
 def export_peft(src: AdapterSource, out: Path, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Adapter files + tokenizer + cogtune.json (the run's metadata) + the resolved recipe when there is one."""
     check_output(out, force, [src.adapter_dir])
+    clean_stale(stale_candidates(out.parent), log)
     staging = staging_dir(out)
     try:
         for f in sorted(src.adapter_dir.iterdir()):
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="merge dtype; for bnb also the compute dtype (default: the base's saved dtype)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force-base", action="store_true",
+                   help="merge even when the base's weights differ from those the adapter was trained on")
     args = p.parse_args(argv)
     try:
         src = resolve_adapter(args.source)
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             export_peft(src, Path(args.out), force=args.force)
         else:
             quant = {"merged": None, "bnb-4bit": "nf4", "bnb-8bit": "int8"}[args.format]
-            merge_adapter(src, args.out, base=args.base, dtype=args.dtype, force=args.force, quantize=quant,
+            merge_adapter(src, args.out, base=args.base, dtype=args.dtype, force=args.force,
+                          force_base=args.force_base, quantize=quant,
                           max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

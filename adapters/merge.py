@@ -2,8 +2,10 @@
 
 Why each step (user-pains F1-F4):
   * the base is read from run.json / cogtune.json, so nothing is repeated on the command line, and it is
-    checked (family version, config hash, image tokens, every adapter key against a base Linear of the
-    right shape) before any weight is loaded: merging onto the wrong base "works" and gives garbage;
+    checked (family version, config hash, weight fingerprint, image tokens, every adapter key against a base
+    Linear of the right shape) before any weight is loaded: merging onto the wrong base "works" and gives
+    garbage, and two checkpoints with the same config.json (another seed, another fine-tune) differ only in
+    their weights, hence the fingerprint (`finetune.loading.base_fingerprint`; --force-base overrides);
   * the base is loaded UNquantized in the chosen dtype even for QLoRA adapters: peft cannot merge into
     4-bit weights without rounding the delta away, and a deployable checkpoint is high precision first;
   * weights are written as sharded safetensors + `model.safetensors.index.json` with the official keys,
@@ -12,7 +14,9 @@ Why each step (user-pains F1-F4):
   * everything is written to a hidden folder beside the output and renamed at the very end, after the
     merged folder was reloaded in a FRESH process (strict keys, its own tokenizer) and its logits on
     probe inputs matched base + adapter. A failure or Ctrl-C leaves no output; an existing output is
-    replaced only with --force.
+    replaced only with --force. Staging folders carry a marker file; a later run removes those whose merge
+    was killed (the process that made them is gone) and reports any hidden folder it cannot attribute;
+  * the probe is stored as safetensors (never a pickle), and the verifying process dies with its parent.
 
 `python -m adapters.merge FOLDER --probe FILE --report FILE` is the verification entry point that the
 fresh process runs; users do not call it.
@@ -25,9 +29,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,11 +127,14 @@ def template_for(source: AdapterSource | None, config: Any) -> str:
     return str(config.template_version)
 
 
-def check_compatible(source: AdapterSource, base_dir: Path, config: Any, modules: dict[str, tuple[int, int]]) -> None:
+def check_compatible(source: AdapterSource, base_dir: Path, config: Any, modules: dict[str, tuple[int, int]], *,
+                     force_base: bool = False, log: Callable[[str], None] = print) -> None:
     """Refuse an adapter whose recorded base or whose weights do not fit this base; every problem at once.
 
-    `modules`: name -> (in_features, out_features) of the base's Linear layers.
+    `modules`: name -> (in_features, out_features) of the base's Linear layers. `force_base`: a base whose
+    weight fingerprint differs from the recorded one is used with a warning instead of refused.
     """
+    from finetune.loading import base_fingerprint
     from finetune.recipe import config_hash
 
     where = source.meta_file or source.adapter_dir
@@ -139,6 +149,17 @@ def check_compatible(source: AdapterSource, base_dir: Path, config: Any, modules
         problems.append(f"config hash: the adapter's base had config.json hash {want_hash} ({recorded_base}), "
                         f"{base_dir}/config.json hashes to {config_hash(base_dir)} (another checkpoint or an edited "
                         "config)")
+    want_fp = source.meta.get("base_fingerprint")
+    if want_fp and not problems:  # a config mismatch already says "another checkpoint"
+        have_fp = base_fingerprint(base_dir)
+        if have_fp != want_fp:
+            text = (f"base weights: the adapter was trained on weights with fingerprint {want_fp} ({recorded_base}), "
+                    f"{base_dir} has {have_fp}: same config.json, other weights (another seed or fine-tune, or "
+                    "the base was changed since training)")
+            if force_base:
+                log(f"warning: {text}; --force-base given, using it anyway")
+            else:
+                problems.append(text + ". Pass --force-base to use this base anyway")
     tokens = source.meta.get("image_tokens")
     if tokens is not None and int(tokens) != int(config.image_tokens):
         problems.append(f"image tokens: the adapter was trained with {tokens} tokens per image, the base gives "
@@ -181,6 +202,17 @@ def _check_adapter_keys(adapter_dir: Path, modules: dict[str, tuple[int, int]]) 
     return bad
 
 
+def check_adapters(adapters: list[tuple[str, AdapterSource]], base_dir: Path, *, force_base: bool = False,
+                   log: Callable[[str], None] = print) -> None:
+    """check_compatible for each adapter against the base's module tree on the meta device (no weights read)."""
+    from finetune.loading import build_meta_model
+
+    meta = build_meta_model(base_dir)
+    shapes = linear_shapes(meta)
+    for _, src in adapters:
+        check_compatible(src, base_dir, meta.config, shapes, force_base=force_base, log=log)
+
+
 def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
     """name -> (in_features, out_features) of every Linear (quantized Linears included)."""
     import torch
@@ -208,21 +240,20 @@ def load_base(base_dir: Path, dtype: str, quantization_config: Any = None) -> An
     """The base model, unquantized unless `quantization_config` is given, in eval mode."""
     import torch
 
+    from finetune.loading import check_checkpoint_dir
     from finetune.modeling_cogvlm import CogVLMForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    base_dir = check_checkpoint_dir(base_dir)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     return CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs).eval()
 
 
 def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_dir: Path) -> Any:
-    """Load each adapter under its name on one base (checked first); the first one is active."""
+    """Load each adapter under its name on one base (check them first: `check_adapters`); the first is active."""
     from peft import PeftModel
 
-    shapes = linear_shapes(model)
-    for _, src in adapters:
-        check_compatible(src, base_dir, model.config, shapes)
     name, first = adapters[0]
     model = PeftModel.from_pretrained(model, str(first.adapter_dir), adapter_name=name, is_trainable=False)
     for name, src in adapters[1:]:
@@ -291,6 +322,31 @@ def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> di
                               add_generation_prompt=True)
     batch = collator(convs)
     return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
+
+
+PROBE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "images", "reference")
+
+
+def save_probe(path: Path, probe: dict[str, Any], reference: Any, template: str) -> None:
+    """Probe batch + reference logits as safetensors: the verifying process never unpickles anything."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in {**probe, "reference": reference}.items()
+               if k in PROBE_KEYS and v is not None}
+    save_file(tensors, str(path), metadata={"template": template})
+
+
+def load_probe(path: Path) -> dict[str, Any]:
+    """save_probe's file back (tensors only; a pickle or any other format is refused by safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"probe {path} is not a safetensors probe written by merge ({err}); "
+                         "it was not loaded") from None
+    return {"images": None, **tensors}
 
 
 def probe_logits(model: Any, probe: dict[str, Any]) -> Any:
@@ -391,10 +447,90 @@ def write_side_files(folder: Path, base_dir: Path, tokenizer: Any, dtype: str, i
     (folder / "cogtune.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+STAGING_MARKER = ".cogtune-staging"
+_STAGING_NAME = re.compile(r"\.(?P<out>.+)\.(?P<tag>partial|merged|old)-[A-Za-z0-9_]+")
+WORKDIR_PREFIX = "cogtune-merge-"
+
+
+def _mark(folder: Path, kind: str, out: Path | None = None) -> Path:
+    """Sign a temporary folder as the kit's (pid, host, what it is for) so a later run may clean it up."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "kind": kind, "created": time.time(),
+            "out": out.name if out is not None else None}
+    (folder / STAGING_MARKER).write_text(json.dumps(info) + "\n")
+    return folder
+
+
 def staging_dir(out: Path, tag: str = "partial") -> Path:
-    """A hidden folder beside `out` (same filesystem, so the final rename is atomic)."""
+    """A hidden folder beside `out` (same filesystem, so the final rename is atomic), marked as the kit's."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{tag}-"))
+    return _mark(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{tag}-")), tag, out)
+
+
+def work_dir() -> Path:
+    """The merge's scratch folder (probe image and tensors) under the system temp folder, marked as the kit's."""
+    return _mark(Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX)), "work")
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process `pid` runs here (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def clean_stale(folders: list[Path], log: Callable[[str], None] = print) -> list[Path]:
+    """Remove kit-made temporary folders whose process is gone; report hidden look-alikes without a marker.
+
+    Never touches a folder without the marker, one whose process still runs, or one made on another host.
+    A stale `.old-` folder (an earlier --force replacement killed between its two renames) is removed only
+    when the output it belonged to exists again; otherwise it holds the previous output and is reported.
+    """
+    removed = []
+    for folder in folders:
+        marker = folder / STAGING_MARKER
+        try:
+            info = json.loads(marker.read_text())
+            pid, host, kind = int(info["pid"]), str(info["host"]), str(info["kind"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log(f"note: {folder} looks like an interrupted merge's temporary folder but carries no cogtune "
+                "marker; left alone (delete it yourself if it is not in use)")
+            continue
+        if host != socket.gethostname():
+            log(f"note: {folder} was left by a merge on host {host}; left alone")
+            continue
+        if not _process_gone(pid):
+            continue  # another merge is writing it right now
+        if kind == "old" and info.get("out") and not (folder.parent / info["out"]).exists():
+            log(f"note: {folder}/x holds the previous {info['out']} (a --force replacement was interrupted); "
+                f"move it back with `mv {folder}/x {folder.parent / info['out']}`")
+            continue
+        size = _folder_size(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        log(f"removed {folder} ({size / 1e6:.1f} MB), left by an interrupted merge (process {pid} is gone)")
+    return removed
+
+
+def stale_candidates(parent: Path) -> list[Path]:
+    """Hidden staging folders beside outputs in `parent`, and the kit's scratch folders in the temp folder."""
+    found = []
+    if parent.is_dir():
+        found += [p for p in sorted(parent.iterdir()) if p.is_dir() and _STAGING_NAME.fullmatch(p.name)]
+    tmp = Path(tempfile.gettempdir())
+    found += [p for p in sorted(tmp.glob(WORKDIR_PREFIX + "*")) if p.is_dir() and (p / STAGING_MARKER).is_file()]
+    return found
 
 
 def check_output(out: Path, force: bool, protected: list[Path]) -> None:
@@ -410,10 +546,17 @@ def check_output(out: Path, force: bool, protected: list[Path]) -> None:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old output (--force) is moved aside first, then deleted."""
+    """Rename the finished folder into place; an old output (--force) is moved aside first, then deleted.
+
+    Modes follow the umask (temporary folders and safetensors files are created owner-only).
+    """
+    from finetune.loading import respect_umask
+
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
+    respect_umask(staging)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = staging_dir(out, "old")
         os.replace(out, old / "x")
     os.replace(staging, out)
     if old is not None:
@@ -427,9 +570,9 @@ def verify_in_fresh_process(folder: Path, probe_file: Path, dtype: str, quant: Q
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     cmd = [sys.executable, "-m", "adapters.merge", str(folder), "--probe", str(probe_file), "--report", str(report),
-           "--dtype", dtype] + (["--quant", quant] if quant else [])
+           "--dtype", dtype, "--parent-pid", str(os.getpid())] + (["--quant", quant] if quant else [])
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)  # the child ties itself to us
     if proc.returncode != 0 or not report.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"the written folder {folder} failed to reload in a fresh process:\n{tail}")
@@ -465,6 +608,7 @@ def merge_adapter(
     base: str | Path | None = None,
     dtype: str | None = None,
     force: bool = False,
+    force_base: bool = False,
     quantize: QuantMode | None = None,
     max_shard_size: str = "5GB",
     log: Callable[[str], None] = print,
@@ -473,6 +617,7 @@ def merge_adapter(
 
     `dtype`: bfloat16 / float16 / float32 (default: the dtype the base was saved in). `quantize`: additionally
     quantize the verified merged weights with bitsandbytes (vision tower and GLU adapter stay unquantized).
+    `force` replaces an existing output; `force_base` accepts a base whose weights differ from the recorded ones.
     """
     import torch
 
@@ -480,6 +625,8 @@ def merge_adapter(
     out = Path(out)
     base_dir = resolve_base(src, base)
     check_output(out, force, [base_dir, src.adapter_dir])
+    clean_stale(stale_candidates(out.parent), log)
+    check_adapters([("default", src)], base_dir, force_base=force_base, log=log)  # before any weight is read
     dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(base_dir)
     if dtype not in MERGE_TOLERANCE:
         raise ValueError(f"dtype {dtype!r} is not one of bf16, fp16, fp32")
@@ -492,7 +639,7 @@ def merge_adapter(
 
     staging = staging_dir(out)
     hp_dir = staging_dir(out, "merged") if quantize else staging
-    work = Path(tempfile.mkdtemp(prefix="cogtune-merge-"))
+    work = work_dir()
     try:
         # ---- Base + adapter (reference) ----
         t0 = time.time()
@@ -508,7 +655,7 @@ def merge_adapter(
         with model.disable_adapter():
             base_logits = probe_logits(model, probe)
         effect = compare_logits(reference, base_logits, probe["attention_mask"])["max_abs_diff"]
-        torch.save({**probe, "reference": reference, "template": template}, work / "probe.pt")
+        save_probe(work / "probe.safetensors", probe, reference, template)
 
         # ---- Merge and write ----
         merged = model.merge_and_unload()
@@ -526,7 +673,7 @@ def merge_adapter(
         write_side_files(hp_dir, base_dir, tokenizer, dtype, info)
 
         # ---- Verify (fresh process) ----
-        stats = verify_in_fresh_process(hp_dir, work / "probe.pt", dtype, None, log)
+        stats = verify_in_fresh_process(hp_dir, work / "probe.safetensors", dtype, None, log)
         ok, rule = passes(stats, dtype, None)
         noise = MERGE_TOLERANCE[dtype] * max(1.0, stats["ref_max_abs"])
         if ok and effect > noise:  # the merge must carry the adapter, not just stay near the base
@@ -559,7 +706,7 @@ def merge_adapter(
                     shutil.copy2(f, staging / f.name)
             qinfo = {**info, "format": f"bnb-{'4bit' if quantize == 'nf4' else '8bit'}", "quant_mode": quantize}
             (staging / "cogtune.json").write_text(json.dumps(qinfo, indent=2) + "\n")
-            quant_stats = verify_in_fresh_process(staging, work / "probe.pt", dtype, quantize, log)
+            quant_stats = verify_in_fresh_process(staging, work / "probe.safetensors", dtype, quantize, log)
             ok, rule = passes(quant_stats, dtype, quantize)
             log(format_stats(f"{quantize} export vs base+adapter", quant_stats))
             if not ok:
@@ -583,16 +730,40 @@ def merge_adapter(
 # --------------------------------------------------------------------------------------------------
 
 
+def tie_to_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """End this process when `parent_pid` (the merge) dies: a killed merge leaves no verifier running.
+
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); everywhere: a daemon
+    thread polls the parent id (it changes when the parent dies) as a fallback.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(3)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="cogtune-parent-watch").start()
+
+
 def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
     """Load `folder` as a user would (strict keys, its tokenizer, its cogtune.json template); compare; generate."""
-    import torch
-
     from finetune.generation import generate_answers
     from finetune.tokenization import load_tokenizer
 
+    probe = load_probe(probe_file)  # first: a bad probe fails before the model loads
     model = load_base(folder, dtype)  # quantized folders carry their quantization_config
     tokenizer = load_tokenizer(folder, None, model.config)
-    probe = torch.load(probe_file, weights_only=False)
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
     template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
     convs = probe_conversations(Path(probe_file).with_name("probe.png"))
@@ -609,7 +780,10 @@ def verify_main(argv: list[str]) -> int:
     p.add_argument("--report", required=True)
     p.add_argument("--dtype", required=True)
     p.add_argument("--quant", default=None)
+    p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
+    if args.parent_pid is not None:
+        tie_to_parent(args.parent_pid)
     stats = verify_folder(Path(args.folder), Path(args.probe), args.dtype)
     Path(args.report).write_text(json.dumps(stats))
     return 0
@@ -629,10 +803,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="weights dtype (default: the dtype the base was saved in)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force-base", action="store_true",
+                   help="merge even when the base's weights differ from those the adapter was trained on")
     args = p.parse_args(argv)
     try:
         merge_adapter(args.source, args.out, base=args.base, dtype=args.dtype, force=args.force,
-                      max_shard_size=args.max_shard_size)
+                      force_base=args.force_base, max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

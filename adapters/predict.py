@@ -3,8 +3,9 @@
 Generation is `finetune.generation.generate_answers` (left padding, correct masks; a batch gives the same
 answers as one row at a time), so numbers here match the trainer's generation eval. When rows end with an
 assistant turn it is the reference: exact match, and for Cog boxes parse rate and IoU@0.5, are printed and
-written to `PRED.metrics.json`. Several adapters can share one base (`--adapter a=DIR --adapter b=DIR`);
-`--use NAME` picks one without reloading the base.
+written beside the predictions with `.jsonl` replaced by `.metrics.json` (`--out pred.jsonl` ->
+`pred.metrics.json`). Several adapters can share one base (`--adapter a=DIR --adapter b=DIR`); `--use NAME`
+picks one without reloading the base.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .merge import (
     AdapterSource,
     _read_json,
     attach_adapters,
+    check_adapters,
     load_base,
     load_tokenizer_for,
     resolve_adapter,
@@ -49,14 +51,18 @@ class InferenceModel:
     """A base model with zero or more named adapters; switches adapters (and their templates) in place."""
 
     def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None,
-                 tokenizer_dir: str | Path | None = None):
+                 tokenizer_dir: str | Path | None = None, *, force_base: bool = False, log=None):
         from finetune.configuration_cogvlm import CogVLMConfig
-        from finetune.loading import check_checkpoint_dir
+        from finetune.loading import check_checkpoint_dir, require_folder
 
         self.model_dir = check_checkpoint_dir(model_dir)
+        if tokenizer_dir is not None:
+            require_folder(tokenizer_dir, "--tokenizer-dir")
         self.adapters = parse_adapter_specs(adapter_specs or [])
-        # The tokenizer first: a missing one (CogVLM1 ships none) fails before the weights load.
-        config = CogVLMConfig.from_pretrained(str(self.model_dir))
+        # Cheap checks first (adapters against the base, tokenizer): they fail before the weights load.
+        if self.adapters:
+            check_adapters(self.adapters, self.model_dir, force_base=force_base, log=log or _warn)
+        config = CogVLMConfig.from_pretrained(str(self.model_dir), local_files_only=True)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
@@ -94,6 +100,12 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def metrics_path(out: str | Path) -> Path:
+    """Where the metrics of predictions `out` go: pred.jsonl -> pred.metrics.json (one rule for help and code)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".metrics.json")
+
+
 def reference_of(conv: Any) -> str | None:
     """The last assistant turn when the row ends with one (the answer to grade against)."""
     return conv.messages[-1].content if conv.messages and conv.messages[-1].role == "assistant" else None
@@ -107,6 +119,7 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
 
     from data_formats.schema import read_jsonl
     from finetune.generation import generate_answers, score
+    from finetune.loading import respect_umask
     from finetune.train_utils import write_atomic
 
     # Test rows may end with a question (no reference); images are decoded up front so a corrupt one is
@@ -134,13 +147,15 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
         rows.append(row)
     out = Path(out)
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    respect_umask(out)  # the atomic writer's temporary file is owner-only
     log(f"wrote {len(rows)} predictions to {out}")
     graded = [r for r in rows if "reference" in r]
     if not graded:
         return None
     metrics = score([r["prediction"] for r in graded], [r["reference"] for r in graded])
     metrics.update({"adapter": im.active, "template_version": tmpl, "data": str(data)})
-    write_atomic(out.with_name(out.stem + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    write_atomic(metrics_path(out), json.dumps(metrics, indent=2) + "\n")
+    respect_umask(metrics_path(out))
     log("metrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return metrics
 
@@ -152,16 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
                    help="adapter (run folder or adapter folder); repeat with NAME=DIR for several")
     p.add_argument("--use", default=None, help="which named adapter answers (default: the first)")
-    p.add_argument("--out", required=True, help="predictions JSONL (metrics go to OUT.metrics.json)")
+    p.add_argument("--out", required=True, metavar="PRED.jsonl",
+                   help="predictions JSONL; metrics, when rows have reference answers, go beside it with .jsonl "
+                        "replaced by .metrics.json (pred.jsonl -> pred.metrics.json)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--template", default=None, help="override the stored template (warns)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer folder (CogVLM1 checkpoints ship none)")
+    p.add_argument("--force-base", action="store_true",
+                   help="use the adapter even on a base whose weights differ from those it was trained on")
     args = p.parse_args(argv)
     try:
-        im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir)
+        from .chat import check_template_name
+
+        check_template_name(args.template)  # before the (slow) model load
+        im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir, force_base=args.force_base)
         if args.use:
             im.use(args.use)
         predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,

@@ -229,7 +229,11 @@ def main(argv: list[str]) -> int:
     _, cfg = parse_recipe_args(argv, "cogtune targets", "show what a recipe's LoRA targets match")
     from finetune.loading import build_meta_model
 
-    model = build_meta_model(cfg.model.checkpoint_dir)
+    try:
+        model = build_meta_model(cfg.model.checkpoint_dir)
+    except (ValueError, FileNotFoundError) as err:  # missing/mistyped folder, not a CogVLM config
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         _, matches, skipped = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
                                               linear_module_names(model))

@@ -1,12 +1,19 @@
 """Load a checkpoint, its tokenizer and (optionally) a 4/8-bit quantization, as a recipe asks.
 
-The one place where `model.*` and `quant.*` recipe sections become `from_pretrained` arguments.
+The one place where `model.*` and `quant.*` recipe sections become `from_pretrained` arguments. Every load is
+local-only: a folder that does not exist is an error naming it, never a Hub id to download. A checkpoint is
+checked cheaply before any weight is read (config.json is a CogVLM config, every shard's safetensors header is
+intact and its size matches), so a wrong or damaged folder gives one line, not a traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -14,21 +21,184 @@ if TYPE_CHECKING:
     from .config import ModelSection, QuantSection
 
 
-def check_checkpoint_dir(path: str | Path) -> Path:
-    """Fail with the expected layout when a checkpoint folder is missing pieces."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist. Expected an official-layout folder: "
-                                "config.json, model.safetensors.index.json + model-*.safetensors "
-                                "(or model.safetensors).")
-    missing = [] if (path / "config.json").is_file() else ["config.json"]
-    if not any(path.glob("*.safetensors")):
-        missing.append("*.safetensors weights")
-    if missing:
+class CheckpointError(ValueError):
+    """A checkpoint folder exists but is not a usable CogVLM checkpoint (wrong model, damaged files)."""
+
+
+_LAYOUT = ("Expected an official-layout folder: config.json, model.safetensors.index.json + model-*.safetensors "
+           "(or model.safetensors).")
+
+
+def require_folder(path: str | Path, what: str = "checkpoint folder") -> Path:
+    """`path` as a local folder, or FileNotFoundError saying so; never interpreted as a Hub id."""
+    given = str(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path
+    where = what if path.is_absolute() else f"{what}, relative to the current folder {Path.cwd()}"
+    if path.exists():
+        raise FileNotFoundError(f"not a folder: {given} is a file ({where})")
+    hint = ""
+    if not path.is_absolute() and given.count("/") == 1 and not given.startswith("."):
+        hint = (f". Nothing is downloaded: if {given!r} is a Hub id, download it first "
+                f"(`huggingface-cli download {given} --local-dir DIR`) and pass DIR")
+    raise FileNotFoundError(f"folder does not exist: {given} ({where}){hint}")
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, checked to be a CogVLM/CogVLM2 config (CheckpointError otherwise)."""
+    path = require_folder(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())[:20]) or "nothing"
-        raise FileNotFoundError(f"checkpoint folder {path} lacks {' and '.join(missing)} (found: {found}). "
+        raise FileNotFoundError(f"checkpoint folder {path} lacks config.json (found: {found}). {_LAYOUT} "
                                 "`cogtune make-tiny --family cogvlm2 --out DIR` writes a tiny example of the layout.")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text ({err.reason}); the file is damaged") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_file}:{err.lineno}: not valid JSON ({err.msg}); the file is damaged or "
+                              "not a config") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, found {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type not in (None, "cogvlm") or not isinstance(cfg.get("vision_config"), dict):
+        kind = f"model_type {model_type!r}" if model_type not in (None, "cogvlm") else "no vision_config"
+        arch = ", ".join(cfg.get("architectures") or []) or "?"
+        raise CheckpointError(f"{cfg_file}: {kind} (architectures: {arch}): not a CogVLM/CogVLM2 image checkpoint. "
+                              "Point model.checkpoint_dir (or --model/--base) at a CogVLM or CogVLM2 folder.")
+    return cfg
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """(header, data start offset) of a safetensors file; CheckpointError when it is truncated or not one."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"header describes {8 + n + end} bytes, the file holds {size} (truncated or appended to)")
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as err:
+        raise CheckpointError(f"{file}: damaged safetensors file ({err}); re-download or re-create it") from None
+    return header, 8 + n
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors shards: those the index names, else every *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: damaged index ({type(err).__name__}: {err}); re-download it") from None
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Fail in one line, every problem at once, when a checkpoint folder is missing, wrong or damaged."""
+    path = require_folder(path)
+    read_checkpoint_config(path)
+    files = weight_files(path)
+    if not files:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:20]) or "nothing"
+        raise FileNotFoundError(f"checkpoint folder {path} lacks *.safetensors weights (found: {found}). {_LAYOUT} "
+                                "`cogtune make-tiny --family cogvlm2 --out DIR` writes a tiny example of the layout.")
+    problems = []
+    for f in files:
+        if not f.is_file():
+            problems.append(f"{f.name} is named in model.safetensors.index.json but missing")
+            continue
+        try:
+            _safetensors_header(f)
+        except CheckpointError as err:
+            problems.append(str(err))
+    if problems:
+        raise CheckpointError(f"checkpoint folder {path}: " + "; ".join(problems))
     return path
+
+
+# Bytes read per tensor for the fingerprint: its start, middle and end.
+_SAMPLE = 64
+
+
+def base_fingerprint(checkpoint_dir: str | Path) -> str:
+    """A cheap identity of a checkpoint's weights, recorded at train time and checked by merge/predict/chat.
+
+    config.json alone cannot tell two checkpoints of the same architecture apart (another seed, another
+    fine-tune). This hashes every tensor's name, dtype and shape plus 3 x 64 bytes of its data (start, middle,
+    end), read with seeks: a few hundred KB for a 40 GB checkpoint, independent of how it is sharded.
+    """
+    path = check_checkpoint_dir(checkpoint_dir)
+    entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    for f in weight_files(path):
+        header, start = _safetensors_header(f)
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries[name] = (f, start, info)
+    digest = hashlib.sha256()
+    handles: dict[Path, Any] = {}
+    try:
+        for name in sorted(entries):
+            f, start, info = entries[name]
+            fh = handles.get(f) or handles.setdefault(f, f.open("rb"))
+            begin, end = (int(x) for x in info["data_offsets"])
+            digest.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
+            for at in sorted({begin, max(begin, (begin + end) // 2 - _SAMPLE // 2), max(begin, end - _SAMPLE)}):
+                fh.seek(start + at)
+                digest.update(fh.read(min(_SAMPLE, end - at)))
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return "sfp1-" + digest.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------
+# File modes: temporary files (mkstemp, mkdtemp, safetensors' own writer) are owner-only; published
+# outputs get the modes the user's umask gives ordinary files.
+# --------------------------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask round trip elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: str | Path) -> None:
+    """chmod `path` (and, for a folder, everything the kit wrote under it) to 0666/0777 minus the umask.
+
+    Executable files keep their x bits (minus the umask). Symlinks are left alone.
+    """
+    mask = current_umask()
+    path = Path(path)
+    todo = [path]
+    if path.is_dir() and not path.is_symlink():
+        todo += [p for p in path.rglob("*")]
+    for p in todo:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+        elif p.is_file():
+            executable = p.stat().st_mode & 0o111
+            os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -49,7 +219,9 @@ def build_meta_model(checkpoint_dir: str | Path):
     from .configuration_cogvlm import CogVLMConfig
     from .modeling_cogvlm import CogVLMForCausalLM
 
-    config = CogVLMConfig.from_pretrained(str(checkpoint_dir))
+    path = require_folder(checkpoint_dir)
+    read_checkpoint_config(path)
+    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
     with torch.device("meta"):
         return CogVLMForCausalLM(config)
 
@@ -82,7 +254,9 @@ def load_config_and_tokenizer(model_cfg: ModelSection):
     from .tokenization import load_tokenizer
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
-    config = CogVLMConfig.from_pretrained(str(path))
+    if model_cfg.tokenizer_dir is not None:
+        require_folder(model_cfg.tokenizer_dir, "model.tokenizer_dir")
+    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
     if model_cfg.family:
         from .families import get_family
 
@@ -100,7 +274,7 @@ def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None,
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     dtype = resolve_dtype(model_cfg.dtype)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "local_files_only": True}
     bnb = to_bnb_config(quant_cfg, dtype) if quant_cfg is not None else None
     if bnb is not None:
         kwargs["quantization_config"] = bnb

@@ -80,7 +80,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     from adapters.lora import apply_lora
     from adapters.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
 
-    from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
+    from .loading import base_fingerprint, build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
     from .train_utils import (
         RUN_STATE,
@@ -259,6 +259,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
             "family_version": config.cogvlm_version,
             "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
             "base_config_hash": config_hash(cfg.model.checkpoint_dir),
+            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
             "tokenizer_dir": cfg.model.tokenizer_dir,
             "template_version": template,
             "image_tokens": config.image_tokens,

@@ -99,6 +99,10 @@ def make_tiny(version: int, out_dir: str | Path, seed: int = 0, **overrides: Any
     )
     model.save_pretrained(out, max_shard_size=TINY_SHARD_SIZE)
     build_tiny_tokenizer(version).save_pretrained(out)
+    from .loading import respect_umask, weight_files
+
+    for shard in weight_files(out):  # safetensors writes its files owner-only (0600) whatever the umask
+        respect_umask(shard)
     return out
 
 

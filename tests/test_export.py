@@ -47,3 +47,20 @@ def test_export_bnb_4bit_keeps_vision_unquantized(run2, tmp_path, in_process_ver
     assert dtypes["model.layers.0.mlp.language_mlp.up_proj.weight"] == "U8"  # decoder linears are nf4
     assert json.loads((out / "cogtune.json").read_text())["format"] == "bnb-4bit"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_peft_follows_umask_and_keeps_fingerprint(run2, tmp_path):
+    """issue 9.8: export/* came out drwx------ (mkdtemp) whatever the umask."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_peft(resolve_adapter(run2), tmp_path / "peft", log=lambda s: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert all(m == 0o644 for m in modes.values()), modes
+    assert ".cogtune-staging" not in modes  # the staging marker never reaches an output
+    assert json.loads((out / "cogtune.json").read_text())["base_fingerprint"].startswith("sfp1-")

@@ -21,7 +21,7 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
     from peft import LoraConfig, get_peft_model
 
     from finetune.config import QuantSection
-    from finetune.loading import to_bnb_config
+    from finetune.loading import base_fingerprint, to_bnb_config
     from finetune.modeling_cogvlm import CogVLMForCausalLM
     from finetune.recipe import config_hash
     from finetune.tokenization import load_tokenizer
@@ -41,7 +41,8 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
     peft_model.save_pretrained(str(run / "adapter"))
     load_tokenizer(base_dir, None, model.config).save_pretrained(str(run / "adapter"))
     info = {"family_version": model.config.cogvlm_version, "base_checkpoint": str(base_dir),
-            "base_config_hash": config_hash(base_dir), "tokenizer_dir": None, "template_version": template,
+            "base_config_hash": config_hash(base_dir), "base_fingerprint": base_fingerprint(base_dir),
+            "tokenizer_dir": None, "template_version": template,
             "image_tokens": model.config.image_tokens, "quant_mode": quant, "targets": ["custom"]}
     (run / "run.json").write_text(json.dumps(info))
     return run
@@ -179,3 +180,174 @@ def test_merge_that_drops_the_adapter_fails(tiny_checkpoints, tmp_path, in_proce
     with pytest.raises(RuntimeError, match="verification FAILED"):
         merge_adapter(run, tmp_path / "merged", dtype=dtype, log=lambda *_: None)
     assert not (tmp_path / "merged").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reliability (issue 14.10, 14.12, 14.13; issue 9.8)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seed7_base(tiny_checkpoints, tmp_path_factory):
+    """make-tiny --seed 7: the same config.json as the seed-0 base, other weights."""
+    from finetune.tiny import make_tiny
+
+    other = make_tiny(2, tmp_path_factory.mktemp("seed7") / "base", seed=7)
+    assert (other / "config.json").read_bytes() == (tiny_checkpoints[2] / "config.json").read_bytes()
+    return other
+
+
+def test_refuses_base_with_same_config_but_other_weights(runs, seed7_base, tmp_path, in_process_verify):
+    with pytest.raises(AdapterMismatch, match="fingerprint") as err:
+        merge_adapter(runs[2], tmp_path / "out", base=seed7_base, log=lambda s: None)
+    assert "--force-base" in str(err.value) and "config hash" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert merge_mod.main([str(runs[2]), "--base", str(seed7_base), "--out", str(tmp_path / "o")]) == 1
+    logs: list[str] = []
+    merge_adapter(runs[2], tmp_path / "forced", base=seed7_base, force_base=True, log=logs.append)
+    assert any("--force-base given" in line for line in logs) and (tmp_path / "forced" / "config.json").is_file()
+
+
+def test_fingerprint_refusal_happens_before_weights_load(runs, seed7_base, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the base was checked")
+
+    monkeypatch.setattr(merge_mod, "load_base", no_load)
+    with pytest.raises(AdapterMismatch, match="fingerprint"):
+        merge_adapter(runs[2], tmp_path / "out", base=seed7_base, log=lambda s: None)
+
+
+def _stale_folder(parent: Path, name: str, pid: int, kind: str = "partial", out: str = "merged") -> Path:
+    import socket
+
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "model-00001-of-00001.safetensors").write_bytes(b"x" * 1000)
+    (folder / merge_mod.STAGING_MARKER).write_text(json.dumps(
+        {"pid": pid, "host": socket.gethostname(), "kind": kind, "created": 0, "out": out}))
+    return folder
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_merge_cleans_stale_staging_and_reports_unmarked(runs, tmp_path, in_process_verify, monkeypatch):
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    dead = _dead_pid()
+    stale = _stale_folder(tmp_path, ".merged.partial-abc123", dead)
+    stale_other_out = _stale_folder(tmp_path, ".other.merged-zz9", dead, kind="merged", out="other")
+    stale_work = _stale_folder(tmp_path / "tmp", "cogtune-merge-q1w2", dead, kind="work", out="")
+    live = _stale_folder(tmp_path, ".merged.partial-live1", os.getpid())  # a merge still running
+    unmarked = tmp_path / ".merged.partial-user1"
+    unmarked.mkdir()
+    (unmarked / "notes.txt").write_text("not the kit's")
+    old = _stale_folder(tmp_path, ".gone.old-k3", dead, kind="old", out="gone")  # previous output, not restored
+    logs: list[str] = []
+    merge_adapter(runs[1], tmp_path / "merged", log=logs.append)
+    assert not stale.exists() and not stale_other_out.exists() and not stale_work.exists()
+    assert live.is_dir() and (unmarked / "notes.txt").read_text() == "not the kit's" and old.is_dir()
+    text = "\n".join(logs)
+    assert f"removed {stale}" in text and "interrupted merge" in text
+    assert f"{unmarked} looks like" in text and "left alone" in text
+    assert f"mv {old}/x" in text
+    # the finished merge leaves neither staging nor scratch folders of its own
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(
+        [live.name, unmarked.name, old.name])
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_verifier_dies_with_its_parent(tmp_path):
+    """A killed merge must not leave its fresh-process verifier running (issue 14.12)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent_code = (
+        "import subprocess, sys, os, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from adapters.merge import tie_to_parent; "
+        "tie_to_parent(int(sys.argv[1]), poll_seconds=0.2); print(\"tied\", flush=True); time.sleep(120)', "
+        "str(os.getpid())])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(merge_mod.REPO_ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=env)
+    child_pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "tied"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and not merge_mod._process_gone(child_pid):
+        time.sleep(0.1)
+    gone = merge_mod._process_gone(child_pid)
+    if not gone:
+        os.kill(child_pid, signal.SIGKILL)
+    assert gone, "the verification child outlived its parent"
+
+
+def test_verify_in_fresh_process_passes_parent_pid(monkeypatch, tmp_path):
+    import os
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "boom")
+
+    monkeypatch.setattr(merge_mod.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="failed to reload"):
+        merge_mod.verify_in_fresh_process(tmp_path, tmp_path / "probe.safetensors", "float32", None, print)
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--parent-pid") + 1] == str(os.getpid())
+
+
+def test_pickle_probe_is_never_executed(tiny_checkpoints, tmp_path):
+    """The verification entry point must not unpickle its --probe file (issue 14.13)."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    probe = tmp_path / "probe.pt"
+    probe.write_bytes(pickle.dumps({"reference": Payload()}))
+    with pytest.raises(ValueError, match="not a safetensors probe"):
+        merge_mod.verify_main([str(tiny_checkpoints[2]), "--probe", str(probe), "--report",
+                               str(tmp_path / "r.json"), "--dtype", "float32"])
+    assert not marker.exists(), "the pickle payload ran"
+    torch.save({"x": Payload()}, tmp_path / "probe2.pt")  # torch.save's zip format: refused as well
+    with pytest.raises(ValueError, match="not a safetensors probe"):
+        merge_mod.verify_main([str(tiny_checkpoints[2]), "--probe", str(tmp_path / "probe2.pt"), "--report",
+                               str(tmp_path / "r.json"), "--dtype", "float32"])
+    assert not marker.exists()
+
+
+def test_merged_output_follows_umask(runs, tmp_path, in_process_verify):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        merge_adapter(runs[1], tmp_path / "merged", log=lambda s: None)
+    finally:
+        os.umask(old)
+    out = tmp_path / "merged"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes

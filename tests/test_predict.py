@@ -64,3 +64,54 @@ def test_predict_template_override_warns(two_runs, tmp_path, capsys):
     assert main([str(DATA), "--model", str(base), "--adapter", str(run_a), "--out", str(tmp_path / "p.jsonl"),
                  "--template", "vqa", "--max-new-tokens", "2"]) == 0
     assert "trained with template 'chat'; using 'vqa'" in capsys.readouterr().err
+
+
+def test_help_names_the_metrics_file_predict_writes(two_runs, tmp_path, capsys):
+    """issue 9.13: help said OUT.metrics.json, the file was pred.metrics.json."""
+    from adapters.predict import metrics_path
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "pred.jsonl -> pred.metrics.json" in help_text and "OUT.metrics.json" not in help_text
+    assert metrics_path("out/pred.jsonl") == Path("out/pred.metrics.json")
+    base, run_a, _ = two_runs
+    assert main([str(DATA), "--model", str(base), "--adapter", str(run_a), "--out", str(tmp_path / "pred.jsonl"),
+                 "--max-new-tokens", "1"]) == 0
+    assert (tmp_path / "pred.metrics.json").is_file()
+
+
+def test_predictions_follow_umask(two_runs, tmp_path):
+    """issue 9.8: predictions and metrics were -rw------- whatever the umask."""
+    import os
+    import stat
+
+    base, run_a, _ = two_runs
+    old = os.umask(0o022)
+    try:
+        assert main([str(DATA), "--model", str(base), "--adapter", str(run_a), "--out", str(tmp_path / "p.jsonl"),
+                     "--max-new-tokens", "1"]) == 0
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {
+        "p.jsonl": 0o644, "p.metrics.json": 0o644}
+
+
+def test_predict_and_chat_refuse_a_base_with_other_weights(two_runs, tmp_path, capsys):
+    """issue 14.10: same config.json, other weights (make-tiny --seed 7) is refused unless --force-base."""
+    from adapters.chat import main as chat_main
+    from adapters.merge import AdapterMismatch
+    from finetune.tiny import make_tiny
+
+    base, run_a, _ = two_runs
+    other = make_tiny(2, tmp_path / "seed7", seed=7)
+    assert (other / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    with pytest.raises(AdapterMismatch, match="fingerprint"):
+        InferenceModel(other, [str(run_a)])
+    out = tmp_path / "p.jsonl"
+    assert main([str(DATA), "--model", str(other), "--adapter", str(run_a), "--out", str(out)]) == 1
+    assert chat_main(["--model", str(other), "--adapter", str(run_a), "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err.count("--force-base") >= 2 and not out.exists()
+    assert main([str(DATA), "--model", str(other), "--adapter", str(run_a), "--out", str(out),
+                 "--max-new-tokens", "1", "--force-base"]) == 0
+    assert "--force-base given" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def test_run_folder_contents_and_plain_peft_load(task, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["template_version"] == "chat" and run["family_version"] == 2 and run["global_step"] == 4
     assert len(run["base_config_hash"]) == 16
+    assert run["base_fingerprint"] == __import__("finetune.loading").loading.base_fingerprint(task[0])
     assert load_recipe(out / "recipe.resolved.yaml") == _cfg(task, tmp_path / "run")
 
     from peft import PeftModel
