@@ -234,7 +234,7 @@ def resolve_recipe(name: str | Path) -> Path:
     stem = path.name[:-5] if path.name.endswith(".yaml") else path.name[:-4] if path.name.endswith(".yml") else ""
     key = stem or path.name
     # A bare name, or the documented `recipes/NAME.yaml` typed from another folder.
-    if key in shipped and (path.parent == Path(".") or path.parent.name == "recipes"):
+    if key in shipped and path.parent in (Path("."), Path("recipes")):
         return shipped[key]
     near = difflib.get_close_matches(key, list(shipped), n=1, cutoff=0.6)
     hint = f" Did you mean '{near[0]}'?" if near else ""
@@ -404,6 +404,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_outp
         raise ConfigError([f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8"]) from None
     try:
         tree, lines = _parse_yaml(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a recipe (recipes are section.key: value)"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -420,7 +422,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_outp
         key = ALIASES.get(key.strip(), key.strip())
         try:
             value = yaml.load(raw, Loader=_RecipeLoader) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         if not isinstance(tree, dict):
             break  # reported by _build

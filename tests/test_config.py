@@ -120,6 +120,16 @@ def test_huge_values_are_cut_short_in_messages(tmp_path):
     assert "'lora.r' is '9999" in err.value.problems[0] and "..." in err.value.problems[0]
 
 
+def test_deeply_nested_yaml_is_an_error_not_a_recursion_traceback(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_recipe(_write(tmp_path, BASE + "lora:\n  targets: " + deep + "\n"))
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, BASE), ["lora.targets=" + deep])
+    (line,) = err.value.problems
+    assert "'lora.targets' is '[[[[" in line and len(line) < 300
+
+
 def test_files_that_are_not_recipes_are_refused_cheaply(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * (2 << 20) + "\n")
