@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
     print(f"overfit 8 rows: loss {first:.4f} -> {last:.4f} ({'dropped' if dropped else 'did NOT drop'})")
     if not dropped:
         print("check failed: the loss did not drop on 8 rows. Likely causes: learning rate too low, "
-              "targets that do not reach the answer tokens, or labels all -100 (see `cogtune validate`).",
+              "targets that do not reach the answer tokens, or labels all -100 (see `cogtune validate`). "
+              "A freshly initialised base (e.g. `cogtune make-tiny`) has near-uniform logits: add "
+              "'lora.modules_to_save=[lm_head]' and a higher train.learning_rate such as 3e-3.",
               file=sys.stderr)
         return 1
     print("check: ok")

@@ -15,7 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "make-tiny": ("finetune.tiny", "write a tiny random checkpoint + offline tokenizer in the official layout"),
     "convert": ("data_formats.convert", "convert LLaVA/ShareGPT/CogVLM-SFT/swift/OpenAI/GLM/HF data to cogtune JSONL"),
     "validate": ("finetune.validate", "check a JSONL file against a model: every problem at once, then token lengths"),
-    "train": ("finetune.recipe", "train from a recipe (same as `accelerate launch train.py RECIPE`)"),
+    "train": ("finetune.recipe", "train from a recipe file or a shipped recipe's name, in this process"),
     "targets": ("adapters.targets", "show which modules a recipe's LoRA targets match, and parameter counts"),
     "check": ("finetune.check", "validate recipe, data and targets, then overfit 8 rows and require the loss to drop"),
     "config": ("finetune.config", "print a recipe fully resolved, with each field's documentation"),
@@ -47,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{near[0]}'?" if near else ""
         print(f"cogtune: unknown verb '{verb}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    from . import config
+
+    config.INVOKED_AS = f"cogtune {verb}"  # usage lines and errors name the verb, not the module's script
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+        return int(module.main(rest) or 0)
+    finally:
+        config.INVOKED_AS = None
 
 
 if __name__ == "__main__":

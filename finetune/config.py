@@ -139,6 +139,113 @@ class ConfigError(ValueError):
 
 # ---- loading ----
 
+# Recipes are a few kB. Anything far larger is not a recipe, and reading it whole would waste memory.
+MAX_RECIPE_BYTES = 1 << 20
+
+# Shipped recipes, addressable by name (`cogtune train cogvlm2-qlora-24gb`) from any folder: package data
+# first (an installed wheel), then the repository's recipes/ folder (a clone or an editable install).
+_RECIPE_DIRS = (Path(__file__).resolve().parent / "recipes", Path(__file__).resolve().parent.parent / "recipes")
+
+# Common names people type for the real keys; accepted in overrides, suggested for recipe files.
+ALIASES: dict[str, str] = {
+    "lr": "train.learning_rate",
+    "train.lr": "train.learning_rate",
+    "learning_rate": "train.learning_rate",
+    "epochs": "train.num_train_epochs",
+    "train.epochs": "train.num_train_epochs",
+    "num_train_epochs": "train.num_train_epochs",
+    "batch_size": "train.per_device_train_batch_size",
+    "train.batch_size": "train.per_device_train_batch_size",
+    "per_device_train_batch_size": "train.per_device_train_batch_size",
+    "max_steps": "train.max_steps",
+    "steps": "train.max_steps",
+    "train.steps": "train.max_steps",
+    "grad_accum": "train.gradient_accumulation_steps",
+    "train.grad_accum": "train.gradient_accumulation_steps",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+}
+
+# Set by `cogtune VERB` so that `--help` and errors say `cogtune train`, not the script's name.
+INVOKED_AS: str | None = None
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: repr, cut short, so a huge value never floods (or fills) memory."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 6, 4, 3
+    return r.repr(value)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: recipes never need `*name`, and nested aliases expand
+    exponentially (a 441-byte "billion laughs" file took 2.4 GB)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias '*{event.anchor}' is not allowed in recipes (aliases can expand without "
+                "bound); write the value out instead", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _key_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
+    """dotted key -> 1-based line of that key in the YAML file, for `file:line` messages."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            dotted = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines.setdefault(dotted, key_node.start_mark.line + 1)
+            _key_lines(value_node, dotted, lines)
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[str, int]]:
+    """(tree, key lines) of a recipe's text; raises yaml.YAMLError (aliases included)."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}
+        lines: dict[str, int] = {}
+        _key_lines(node, "", lines)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """name -> path of every recipe shipped with the kit."""
+    found: dict[str, Path] = {}
+    for folder in _RECIPE_DIRS:
+        if folder.is_dir():
+            for p in sorted(folder.glob("*.yaml")):
+                found.setdefault(p.stem, p)
+    return found
+
+
+def resolve_recipe(name: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else a shipped recipe of that name (`.yaml` optional)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError([f"{path}: is a folder, not a recipe file; give a .yaml file or a shipped recipe's name"])
+    shipped = shipped_recipes()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name[:-4] if path.name.endswith(".yml") else ""
+    key = stem or path.name
+    # A bare name, or the documented `recipes/NAME.yaml` typed from another folder.
+    if key in shipped and path.parent in (Path("."), Path("recipes")):
+        return shipped[key]
+    near = difflib.get_close_matches(key, list(shipped), n=1, cutoff=0.6)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    names = ", ".join(shipped) or "none found"
+    raise ConfigError([f"{path}: recipe file not found, and not the name of a shipped recipe.{hint} "
+                       f"Shipped recipes (use the name from any folder, e.g. `cogtune train tiny-demo`): {names}"])
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -192,30 +299,83 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
-def _build(cls: type, data: Any, path: str, problems: list[str], source: str) -> Any:
+def _all_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted leaf key of the recipe schema."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        keys += _all_keys(hints[f.name], dotted) if dataclasses.is_dataclass(hints[f.name]) else [dotted]
+    return keys
+
+
+def _suggest(dotted: str, valid_here: list[str]) -> str:
+    """'; did you mean X?' for an unknown key: common aliases, the same name in another section, then spelling."""
+    if dotted in ALIASES:
+        return f"; did you mean '{ALIASES[dotted]}'?"
+    leaf = dotted.rsplit(".", 1)[-1]
+    if leaf in ALIASES:
+        return f"; did you mean '{ALIASES[leaf]}'?"
+    elsewhere = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf]
+    if len(elsewhere) == 1:
+        return f"; did you mean '{elsewhere[0]}'?"
+    near = difflib.get_close_matches(dotted, valid_here, n=1, cutoff=0.5)
+    if near:
+        return f"; did you mean '{near[0]}'?"
+    near = difflib.get_close_matches(dotted, _all_keys(), n=1, cutoff=0.6)
+    if near:
+        return f"; did you mean '{near[0]}'?"
+    return f"; valid keys: {', '.join(valid_here)}"
+
+
+class _Where:
+    """Where a dotted key was set: `file:line`, an override on the command line, or the file itself."""
+
+    def __init__(self, source: str, lines: dict[str, int] | None = None) -> None:
+        self.source = source
+        self.labels: dict[str, str] = {k: f"{source}:{n}" for k, n in (lines or {}).items()}
+
+    def override(self, dotted: str, item: str) -> None:
+        label = f"override '{item if len(item) <= 80 else item[:77] + '...'}'"
+        parts = dotted.split(".")
+        for i in range(1, len(parts)):  # sections the override creates are the override's too
+            prefix = ".".join(parts[:i])
+            if prefix not in self.labels:
+                self.labels[prefix] = label
+        self.labels[dotted] = label
+
+    def __call__(self, dotted: str) -> str:
+        while dotted:
+            if dotted in self.labels:
+                return self.labels[dotted]
+            dotted = dotted.rpartition(".")[0]
+        return self.source
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str], where: _Where) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{source}: '{path or '<top>'}' must be a mapping, got {type(data).__name__}")
+        problems.append(f"{where(path)}: '{path or '<top>'}' must be a mapping of keys, got {type(data).__name__} "
+                        f"{_show(data)}")
         return cls()
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in fields:
             valid = [f"{path}.{k}" if path else k for k in fields]
-            near = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-            problems.append(f"{source}: unknown key '{dotted}'{hint}")
+            problems.append(f"{where(dotted)}: unknown key '{_show(dotted)[1:-1]}'{_suggest(str(dotted), valid)}")
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted, problems, source)
+            kwargs[key] = _build(tp, value, dotted, problems, where)
             continue
         ok, coerced = _coerce(value, tp)
         if not ok:
-            problems.append(f"{source}: '{dotted}' is {value!r}; expected {_type_name(tp)}")
+            problems.append(f"{where(dotted)}: '{dotted}' is {_show(value)}; expected {_type_name(tp)}")
             continue
         kwargs[key] = coerced
     return cls(**kwargs)
@@ -231,57 +391,178 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe YAML, apply `key=value` overrides, and validate everything at once."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{path}: recipe file not found"])
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_output: bool = False) -> RunConfig:
+    """Read a recipe (a YAML file, or a shipped recipe's name), apply `key=value` overrides, validate it all.
+
+    check_output: also require that output.dir can be written (for verbs that write there: train).
+    """
+    path = resolve_recipe(path)
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError([f"{path}: {size:,} bytes is not a recipe (recipes are a few kB; the limit is "
+                           f"{MAX_RECIPE_BYTES:,}); check the file name"])
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8"]) from None
+    try:
+        tree, lines = _parse_yaml(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a recipe (recipes are section.key: value)"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}"]) from None
+    where = _Where(str(path), lines)
+    if tree is None:
+        tree = {}
     problems: list[str] = []
     for item in overrides or []:
         if "=" not in item:
-            problems.append(f"override '{item}': expected key=value, e.g. train.learning_rate=1e-4")
+            problems.append(f"override '{_show(item)[1:-1]}': expected key=value, e.g. train.learning_rate=1e-4")
             continue
         key, raw = item.split("=", 1)
+        key = ALIASES.get(key.strip(), key.strip())
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = yaml.load(raw, Loader=_RecipeLoader) if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
-        _set_dotted(tree, key.strip(), value)
-    cfg = _build(RunConfig, tree, "", problems, str(path))
-    problems += _check_values(cfg, str(path))
+        if not isinstance(tree, dict):
+            break  # reported by _build
+        _set_dotted(tree, key, value)
+        where.override(key, item)
+    cfg = _build(RunConfig, tree, "", problems, where)
+    problems += _check_values(cfg, where)
+    if check_output and cfg.output.dir:
+        problems += check_output_dir(cfg, where("output.dir"))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _check_values(cfg: RunConfig, source: str) -> list[str]:
-    """Cross-field checks that types alone cannot express."""
-    p = []
-    if not cfg.model.checkpoint_dir:
-        p.append(f"{source}: 'model.checkpoint_dir' is empty; give the folder of an official-layout checkpoint")
-    if not cfg.data.train_path:
-        p.append(f"{source}: 'data.train_path' is empty; give a cogtune JSONL file")
-    if cfg.lora.r <= 0:
-        p.append(f"{source}: 'lora.r' is {cfg.lora.r}; expected a positive rank such as 16")
-    if not cfg.lora.targets:
-        p.append(f"{source}: 'lora.targets' is empty; name presets such as language_expert_attn")
-    if cfg.train.max_nonfinite_steps < 0:
-        p.append(f"{source}: 'train.max_nonfinite_steps' is {cfg.train.max_nonfinite_steps}; expected 0 or more")
-    if cfg.train.learning_rate <= 0:
-        p.append(f"{source}: 'train.learning_rate' must be > 0")
-    if cfg.data.streaming and cfg.train.max_steps <= 0:
-        p.append(f"{source}: 'data.streaming' needs 'train.max_steps' > 0 (a stream has no known length)")
-    if cfg.data.max_length < 8:
-        p.append(f"{source}: 'data.max_length' is {cfg.data.max_length}; too small to hold a prompt")
-    if cfg.train.resume not in (None, "auto") and not Path(cfg.train.resume).exists():
-        p.append(f"{source}: 'train.resume' is {cfg.train.resume!r}: no such checkpoint folder (or use 'auto')")
+def _check_values(cfg: RunConfig, where: _Where | str) -> list[str]:
+    """Ranges and cross-field checks that types alone cannot express; one line per problem, with the fix."""
+    import math
+
+    if isinstance(where, str):
+        where = _Where(where)
+    p: list[str] = []
+
+    def bad(key: str, what: str) -> None:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        p.append(f"{where(key)}: '{key}' is {_show(value)}; {what}")
+
+    m, d, lo, t, e, o = cfg.model, cfg.data, cfg.lora, cfg.train, cfg.eval, cfg.output
+    if not m.checkpoint_dir:
+        p.append(f"{where('model.checkpoint_dir')}: 'model.checkpoint_dir' is empty; give the folder of an "
+                 "official-layout checkpoint, e.g. model.checkpoint_dir=/models/cogvlm2-llama3-chat-19B")
+    if m.family is not None:
+        from .families import FAMILIES
+
+        if m.family not in FAMILIES:
+            near = difflib.get_close_matches(m.family, list(FAMILIES), n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            bad("model.family", f"not a known family; {hint}use one of {', '.join(FAMILIES)}, or null to skip the "
+                "check against config.json")
+    if not d.train_path:
+        p.append(f"{where('data.train_path')}: 'data.train_path' is empty; give a cogtune JSONL file, "
+                 "e.g. data.train_path=data/train.jsonl")
+    if d.max_length < 8:
+        bad("data.max_length", "too small to hold a prompt; use the longest row's tokens (`cogtune validate` "
+            "prints them), e.g. 2048")
+    if d.num_workers < 0:
+        bad("data.num_workers", "must be >= 0 (0 = load images in the main process)")
+    if d.streaming and t.max_steps <= 0:
+        p.append(f"{where('data.streaming')}: 'data.streaming' needs 'train.max_steps' > 0 (a stream has no known "
+                 "length); set train.max_steps=N")
+    if lo.r <= 0:
+        bad("lora.r", "expected a positive rank such as 16")
+    if lo.lora_alpha <= 0:
+        bad("lora.lora_alpha", "must be > 0 (the LoRA update is scaled by lora_alpha / r); usually 2 x lora.r")
+    if not 0.0 <= lo.lora_dropout < 1.0:
+        bad("lora.lora_dropout", "must be in [0, 1), e.g. 0.05 (0 = no dropout)")
+    if not lo.targets:
+        p.append(f"{where('lora.targets')}: 'lora.targets' is empty; name presets such as language_expert_attn")
+    if lo.loraplus_lr_ratio is not None and not (math.isfinite(lo.loraplus_lr_ratio) and lo.loraplus_lr_ratio > 0):
+        bad("lora.loraplus_lr_ratio", "must be > 0 (e.g. 16), or null for plain LoRA")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        bad("train.learning_rate", "must be a finite number > 0, e.g. 2e-4")
+    if t.max_steps == 0 or t.max_steps < -1:
+        bad("train.max_steps", "must be > 0, or -1 to train for train.num_train_epochs")
+    if t.max_steps <= 0 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
+        bad("train.num_train_epochs", "must be > 0 (e.g. 1 or 2) when train.max_steps is -1; 0 epochs would save "
+            "an untrained adapter")
+    if t.per_device_train_batch_size < 1:
+        bad("train.per_device_train_batch_size", "must be >= 1")
+    if t.gradient_accumulation_steps < 1:
+        bad("train.gradient_accumulation_steps", "must be >= 1 (1 = no accumulation)")
+    if not (math.isfinite(t.warmup_steps) and t.warmup_steps >= 0) or (
+            t.warmup_steps >= 1 and t.warmup_steps != int(t.warmup_steps)):
+        bad("train.warmup_steps", "must be a fraction of all steps in [0, 1), or a whole number of steps, e.g. 0.03")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        bad("train.weight_decay", "must be >= 0 (0 = none)")
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0):
+        bad("train.max_grad_norm", "must be >= 0 (e.g. 1.0; 0 = no clipping)")
+    if not 0 <= t.seed < 2**32:
+        bad("train.seed", "must be in [0, 2**32)")
+    for key in ("logging_steps", "save_steps", "save_total_limit"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", "must be >= 1" + (" (0 would keep no checkpoint to resume from)"
+                                                  if key == "save_total_limit" else ""))
+    if not t.report_to:
+        p.append(f"{where('train.report_to')}: 'train.report_to' is empty; use [none] to log nowhere, "
+                 "or [tensorboard]")
+    if t.resume not in (None, "auto") and not Path(t.resume).exists():
+        bad("train.resume", "no such checkpoint folder; give a checkpoint-N folder, or 'auto'")
+    if t.max_nonfinite_steps < 0:
+        bad("train.max_nonfinite_steps", "must be >= 0 (0 = stop at the first non-finite step)")
+    if e.eval_steps < 0:
+        bad("eval.eval_steps", "must be >= 0 (0 = evaluate only at the end)")
+    if e.generation_rows < 0:
+        bad("eval.generation_rows", "must be >= 0 (0 = no generation eval)")
+    if e.max_new_tokens < 1:
+        bad("eval.max_new_tokens", "must be >= 1")
+    if e.log_predictions < 0:
+        bad("eval.log_predictions", "must be >= 0")
+    if not o.dir:
+        p.append(f"{where('output.dir')}: 'output.dir' is empty; give the run folder, e.g. output.dir=out/my-run")
     return p
+
+
+def check_output_dir(cfg: RunConfig, source: str = "output.dir") -> list[str]:
+    """Problems with output.dir that would otherwise surface as a traceback after the model has loaded:
+    a file in its place (or above it), or a folder that cannot be written."""
+    out = Path(cfg.output.dir)
+    fix = "choose another output.dir, e.g. output.dir=out/my-run"
+    if out.exists() and not out.is_dir():
+        return [f"{source}: 'output.dir' {str(out)!r} is a file, not a folder; {fix}"]
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return [f"{source}: 'output.dir' {str(out)!r} cannot be created: {str(probe)!r} is a file; {fix}"]
+    if probe.exists() and not _can_write_in(probe):
+        return [f"{source}: 'output.dir' {str(out)!r} is not writable (cannot create files in {str(probe)!r}); {fix}"]
+    return []
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in folder: permissions, read-only mounts and root all answered by trying."""
+    import os
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".cogtune-write-test-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 # ---- printing ----
@@ -306,11 +587,17 @@ def to_yaml(cfg: RunConfig, with_docs: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_recipe_args(argv: list[str], prog: str, description: str,
-                      resume_flag: bool = False) -> tuple[argparse.Namespace, RunConfig]:
-    """Shared argv handling for verbs that take `RECIPE [key=value ...]`; prints errors and exits 2."""
+def parse_recipe_args(argv: list[str], prog: str, description: str, resume_flag: bool = False,
+                      check_output: bool | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """Shared argv handling for verbs that take `RECIPE [key=value ...]`; prints errors and exits 2.
+
+    check_output (default: resume_flag, i.e. the training verb) also requires a writable output.dir.
+    """
+    if INVOKED_AS:  # `cogtune train --help` says so, not `train.py`
+        prog = INVOKED_AS
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("recipe", help="recipes/<name>.yaml")
+    parser.add_argument("recipe", help="a recipe file, or a shipped recipe's name (" + ", ".join(shipped_recipes())
+                        + ")")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. lora.r=32")
     if resume_flag:
         parser.add_argument("--resume", default=None, metavar="auto|CHECKPOINT",
@@ -324,7 +611,7 @@ def parse_recipe_args(argv: list[str], prog: str, description: str,
     if getattr(args, "skip_invalid", False):
         overrides.append("data.skip_invalid=true")
     try:
-        cfg = load_recipe(args.recipe, overrides)
+        cfg = load_recipe(args.recipe, overrides, check_output=resume_flag if check_output is None else check_output)
     except ConfigError as err:
         print(f"recipe has {len(err.problems)} problem(s):", file=sys.stderr)
         for line in err.problems:

@@ -86,3 +86,25 @@ def get_family(name: str) -> FamilySpec:
     near = difflib.get_close_matches(name, list(FAMILIES), n=3, cutoff=0.3)
     hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     raise ValueError(f"unknown model family {name!r}.{hint} Known: {', '.join(FAMILIES)}")
+
+
+def detect_families(version: int, image_tokens: int) -> list[str]:
+    """Names of the presets whose architecture matches a config.json (version and image-span length)."""
+    return [n for n, s in FAMILIES.items() if s.version == version and s.image_tokens == image_tokens]
+
+
+def family_mismatch(name: str, version: int, image_tokens: int, where: str) -> str | None:
+    """None when preset `name` fits a checkpoint; else one message saying what was detected and how to fix it."""
+    spec = get_family(name)
+    if spec.version == version and spec.image_tokens == image_tokens:
+        return None
+    found = detect_families(version, image_tokens)
+    if found:
+        detected = f"it looks like {' or '.join(repr(n) for n in found)}"
+        fix = f"set model.family={found[0]} (or model.family=null to skip this check)"
+    else:
+        detected = "it matches no known family (a tiny `cogtune make-tiny` model or a custom one)"
+        fix = "set model.family=null to skip this check"
+    return (f"model.family {name!r} (CogVLM{spec.version}, {spec.image_tokens} image tokens) does not match "
+            f"{where} (CogVLM{version}, {image_tokens} image tokens): {detected}. The recipe was written for "
+            f"another checkpoint; if {where.rsplit('/config.json', 1)[0]} is the model you want, {fix}.")

@@ -258,13 +258,11 @@ def load_config_and_tokenizer(model_cfg: ModelSection):
         require_folder(model_cfg.tokenizer_dir, "model.tokenizer_dir")
     config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
     if model_cfg.family:
-        from .families import get_family
+        from .families import family_mismatch
 
-        spec = get_family(model_cfg.family)
-        if spec.version != config.cogvlm_version or spec.image_tokens != config.image_tokens:
-            raise ValueError(f"model.family {model_cfg.family!r} (CogVLM{spec.version}, {spec.image_tokens} image "
-                             f"tokens) does not match {path}/config.json (CogVLM{config.cogvlm_version}, "
-                             f"{config.image_tokens} image tokens)")
+        problem = family_mismatch(model_cfg.family, config.cogvlm_version, config.image_tokens, f"{path}/config.json")
+        if problem:
+            raise ValueError(problem)
     return config, load_tokenizer(path, model_cfg.tokenizer_dir, config)
 
 
