@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="adapter (run folder or adapter folder); repeat with NAME=DIR for several")
     p.add_argument("--use", default=None, help="which named adapter answers (default: the first)")
     p.add_argument("--out", required=True, help="predictions JSONL (metrics go to OUT.metrics.json)")
+    p.add_argument("--report", metavar="REPORT.html", help="also write an HTML report: boxes, IoU, failures first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--template", default=None, help="override the stored template (warns)")
@@ -164,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir)
         if args.use:
             im.use(args.use)
-        predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+        metrics = predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+        if args.report:
+            from .report import report_from_files
+
+            print(f"wrote report {report_from_files(args.report, args.data, args.out, metrics, args.image_root)}")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -107,6 +107,8 @@ class Shape:
     colour: str
     label: str = ""
     point: bool = False  # also mark the centre (CogAgent's click point)
+    width: int = STROKE_PX  # line width in screen pixels
+    below: bool = False  # label under the box (keeps two box sets' labels apart)
 
 
 @dataclass
@@ -174,15 +176,19 @@ def figure(thumb: Thumb, shapes: Sequence[Shape], caption: str = "") -> str:
     rects, labels = [], []
     for s in shapes:
         x0, y0, x1, y1 = box_pixels(s.box, thumb.size)
-        rects.append(f'<rect x="{x0:g}" y="{y0:g}" width="{x1 - x0:g}" height="{y1 - y0:g}" stroke="{s.colour}"/>')
+        rects.append(f'<rect x="{x0:g}" y="{y0:g}" width="{x1 - x0:g}" height="{y1 - y0:g}" stroke="{s.colour}"'
+                     f' stroke-width="{s.width}"/>')
         if s.point:
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             rects.append(f'<circle cx="{cx:g}" cy="{cy:g}" r="{max(w, h) / 80:g}" fill="{s.colour}"/>')
         if s.label:
-            above = y0 / h > 0.08  # room above the box, else the label goes inside its top edge
-            labels.append(f'<span class="lbl{"" if above else " in"}" style="left:{100 * x0 / w:.3f}%;'
-                          f'top:{100 * y0 / h:.3f}%;background:{s.colour}">{esc(s.label)}</span>')
-    svg = (f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none" stroke-width="{STROKE_PX}" fill="none">'
+            # Outside the box when there is room (above, or below for `below`), else just inside the edge.
+            edge = y1 if s.below else y0
+            outside = (1 - y1 / h > 0.08) if s.below else (y0 / h > 0.08)
+            cls = "lbl" + (" dn" if s.below == outside else "")
+            labels.append(f'<span class="{cls}" style="left:{100 * x0 / w:.3f}%;'
+                          f'top:{100 * edge / h:.3f}%;background:{s.colour}">{esc(s.label)}</span>')
+    svg = (f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none" fill="none">'
            + "".join(rects) + "</svg>")
     pixelated = ' class="px"' if dw > w else ""
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
@@ -234,7 +240,7 @@ figure{margin:0}figcaption{font-size:12px;color:#57606a;max-width:360px}
  word-break:break-all}
 .lbl{position:absolute;transform:translateY(calc(-100% - 2px));color:#fff;font-size:11px;line-height:14px;
  padding:0 3px;white-space:nowrap;border-radius:2px;pointer-events:none;max-width:200px;overflow:hidden}
-.lbl.in{transform:translateY(2px)}
+.lbl.dn{transform:translateY(2px)}
 .conv{flex:1;min-width:280px;font-size:13px}
 .msg{white-space:pre-wrap;word-break:break-word;padding:3px 6px;margin:2px 0;border-radius:3px}
 .msg .role{font-weight:600;color:#57606a;margin-right:6px}
