@@ -61,6 +61,12 @@ def script_error(html: str) -> str | None:
     return found.group(1) if found else None
 
 
+def shown(html: str) -> str:
+    """The rendered cards only (the DOM also holds the page's data as JSON)."""
+    start = html.index('<div id="cards">')
+    return html[start:html.index("</main>", start)]
+
+
 def hex_rgb(colour: str) -> tuple[int, int, int]:
     colour = colour.lstrip("#")
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)

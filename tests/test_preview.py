@@ -249,6 +249,7 @@ def test_preview_in_chromium(tiny_checkpoints, tmp_path):
                 _check_box(px, region, frac, PALETTE[1])
     html, console = browser.dom(out)
     assert console == [] and browser.script_error(html) is None
+    html = browser.shown(html)
     assert html.count('<article id="c') == len(BROWSER_ROWS) + 1
     assert html.count('class="lbl') == 3 + 6  # every drawn box labelled, the bad row's box not drawn
     assert ">the cat<" in html and ">dogs<" in html and "lies outside the 300x150 image" in html
@@ -268,6 +269,7 @@ def test_pages_and_go_to_in_chromium(tmp_path):
     out.write_text(build_preview(path, Options(), page_size=25)[0])
     html, console = browser.dom(out, "#page=3")
     assert console == [] and browser.script_error(html) is None
+    html = browser.shown(html)
     ids = re.findall(r'<h2><span>(r\d+)</span>', html)
     assert ids == [f"r{i}" for i in range(50, 60)] and "page 3 of 3 (60 cards)" in html
     html, _ = browser.dom(out, "#go=r31")  # "go to" finds the page holding a row
