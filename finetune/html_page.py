@@ -252,7 +252,8 @@ figure{margin:0}figcaption{font-size:12px;color:#57606a;max-width:360px}
  padding:0 4px;font:12px system-ui,sans-serif;margin:0 2px}
 .bx{border:1px solid;border-radius:3px;padding:0 2px;font-weight:600}
 table.boxes{border-collapse:collapse;font-size:12px;margin-top:6px}
-table.boxes td,table.boxes th{border:1px solid #d0d7de;padding:1px 6px;text-align:left}
+table.boxes td,table.boxes th{border:1px solid #d0d7de;padding:1px 6px;text-align:left;white-space:nowrap}
+table.boxes td.e{color:#a40e26;white-space:normal}
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px;vertical-align:middle}
 .metrics{border-collapse:collapse;font-size:13px}.metrics td{padding:1px 10px 1px 0}
 .legend span{margin-right:12px}

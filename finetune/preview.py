@@ -418,13 +418,15 @@ def build_card(view: RowView, opts: Options, info: Any = None) -> Card:
         conv_html = written
     table = ""
     if view.boxes:
+        why = any(b.problem for b in view.boxes)
+        size = f" on {thumbs[0].size[0]}&times;{thumbs[0].size[1]}" if thumbs and thumbs[0].size else ""
         rows = "".join(
             f'<tr><td><span class="sw" style="background:{_colour(b.group)}"></span>{esc(b.phrase)}</td>'
             f"<td>{esc(b.written)}</td><td>{esc(format_boxes([b.cog])) if b.cog else ''}</td>"
             f"<td>{_pixels(b.cog, thumbs[0].size if thumbs else None)}</td>"
-            f'<td class="e">{esc(b.problem)}</td></tr>' for b in view.boxes)
+            + (f'<td class="e">{esc(b.problem)}</td>' if why else "") + "</tr>" for b in view.boxes)
         table = ('<table class="boxes"><tr><th>phrase</th><th>in the row</th><th>model reads</th>'
-                 f"<th>pixels (x0, y0, x1, y1)</th><th></th></tr>{rows}</table>")
+                 f"<th>pixels x0, y0, x1, y1{size}</th>{'<th>not drawn</th>' if why else ''}</tr>{rows}</table>")
     body = f'<div class="row">{"".join(figs)}<div class="conv">{conv_html}{table}</div></div>'
     cls = "err" if view.has_errors or view.too_long else "warn" if view.has_warnings or view.dropped_turns else "ok"
     keys: dict[str, float | None] = {
@@ -440,7 +442,7 @@ def _pixels(cog: Box | None, size: tuple[int, int] | None) -> str:
         return ""
     from .html_page import box_pixels
 
-    return ", ".join(f"{v:.2f}" for v in box_pixels(cog, size)) + f" on {size[0]}&times;{size[1]}"
+    return ", ".join(f"{v:.2f}" for v in box_pixels(cog, size))
 
 
 # --------------------------------------------------------------------------------------------------

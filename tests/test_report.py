@@ -1,4 +1,4 @@
-"""Predictions report: box pairing and IoU, failures first, `predict --report`, the eval callback's report; in Chromium."""
+"""Predictions report: box pairing and IoU, failures first, `predict --report`, the eval report; in Chromium."""
 
 from __future__ import annotations
 
