@@ -253,7 +253,7 @@ figure{margin:0}figcaption{font-size:12px;color:#57606a;max-width:360px}
 .bx{border:1px solid;border-radius:3px;padding:0 2px;font-weight:600}
 table.boxes{border-collapse:collapse;font-size:12px;margin-top:6px}
 table.boxes td,table.boxes th{border:1px solid #d0d7de;padding:1px 6px;text-align:left;white-space:nowrap}
-table.boxes td.e{color:#a40e26;white-space:normal}
+table.boxes td.e{color:#a40e26;white-space:normal}table.boxes td.p{white-space:normal}
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px;vertical-align:middle}
 .metrics{border-collapse:collapse;font-size:13px}.metrics td{padding:1px 10px 1px 0}
 .legend span{margin-right:12px}
@@ -287,7 +287,8 @@ function render(){var v=view(),pages=Math.max(1,Math.ceil(v.length/st.size));
   ' ('+v.length+' card'+(v.length===1?'':'s')+')';});}
 function go(what){var v=view();for(var p=0;p<v.length;p++){if(C[v[p]].a.indexOf(String(what))>=0){
  st.page=Math.floor(p/st.size);render();var el=document.getElementById('c'+v[p]);
- if(el)el.scrollIntoView();return true;}}return false;}
+ if(el){var top=document.querySelector('header.top').offsetHeight;
+ window.scrollTo(0,el.getBoundingClientRect().top+window.scrollY-top-8);}return true;}}return false;}
 document.querySelectorAll('.prev').forEach(function(b){b.onclick=function(){st.page--;render();};});
 document.querySelectorAll('.next').forEach(function(b){b.onclick=function(){st.page++;render();};});
 var sel=document.getElementById('sort');if(sel)sel.onchange=function(){sortBy(sel.value);st.page=0;render();};

@@ -423,7 +423,7 @@ def build_card(view: RowView, opts: Options, info: Any = None) -> Card:
         rows = "".join(
             f'<tr><td><span class="sw" style="background:{_colour(b.group)}"></span>{esc(b.phrase)}</td>'
             f"<td>{esc(b.written)}</td><td>{esc(format_boxes([b.cog])) if b.cog else ''}</td>"
-            f"<td>{_pixels(b.cog, thumbs[0].size if thumbs else None)}</td>"
+            f'<td class="p">{_pixels(b.cog, thumbs[0].size if thumbs else None)}</td>'
             + (f'<td class="e">{esc(b.problem)}</td>' if why else "") + "</tr>" for b in view.boxes)
         table = ('<table class="boxes"><tr><th>phrase</th><th>in the row</th><th>model reads</th>'
                  f"<th>pixels x0, y0, x1, y1{size}</th>{'<th>not drawn</th>' if why else ''}</tr>{rows}</table>")

@@ -276,3 +276,14 @@ def test_pages_and_go_to_in_chromium(tmp_path):
     assert ids == [f"r{i}" for i in range(50, 60)] and "page 3 of 3 (60 cards)" in html
     html, _ = browser.dom(out, "#go=r31")  # "go to" finds the page holding a row
     assert re.findall(r'<h2><span>(r\d+)</span>', html)[0] == "r25"
+
+
+def test_preview_of_the_tiny_demo_data(tmp_path):
+    from finetune.demo import write_task
+
+    train, _ = write_task(tmp_path, n_train=6, n_eval=1, seed=0)
+    page, counts = build_preview(train, Options())
+    assert counts["cards"] == 6 and counts["errors"] == counts["warnings"] == 0
+    data = json.loads(re.search(r'id="page-data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["images"]) == 6 and all(u.startswith("data:image/jpeg;base64,") for u in data["images"])
+    assert all('class="msg loss"' in c["h"] and f"{train}:" in c["h"] for c in data["cards"])
