@@ -483,7 +483,7 @@ def build_preview(data: str | Path, opts: Options, info: Any = None, image_px: i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogtune preview", description=__doc__.split("\n")[0],
                                 epilog="filters: " + ", ".join(FILTERS))
-    p.add_argument("data", metavar="DATA.jsonl")
+    p.add_argument("data", metavar="DATA.jsonl", nargs="?", help="default: the recipe's data.train_path")
     p.add_argument("--out", required=True, help="HTML file to write (self-contained)")
     p.add_argument("--model", help="checkpoint folder or family name: adds token counts and truncation")
     p.add_argument("--recipe", help="recipe YAML: model, max_length, template, image_root and loss mode from it")
@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             problems.append(str(exc))
         else:
+            args.data = args.data or cfg.data.train_path
             model = model or cfg.model.checkpoint_dir or None
             tokenizer_dir = tokenizer_dir or cfg.model.tokenizer_dir
             template = template or cfg.data.template_version
@@ -529,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         opts.max_images = None if args.max_images <= 0 else args.max_images
     if "truncated" in opts.filters and not model:
         problems.append("--filter truncated: needs token counts; add --model (and --tokenizer-dir if it has none)")
-    if not Path(args.data).is_file():
+    if not args.data:
+        problems.append("no data: give DATA.jsonl, or --recipe RECIPE.yaml to use its data.train_path")
+    elif not Path(args.data).is_file():
         problems.append(f"{args.data}: not found (or not a file); pass the cogtune JSONL file")
     if problems:
         print("\n".join(f"cogtune preview: {p}" for p in problems), file=sys.stderr)

@@ -287,3 +287,20 @@ def test_preview_of_the_tiny_demo_data(tmp_path):
     data = json.loads(re.search(r'id="page-data">(.*?)</script>', page, re.S).group(1))
     assert len(data["images"]) == 6 and all(u.startswith("data:image/jpeg;base64,") for u in data["images"])
     assert all('class="msg loss"' in c["h"] and f"{train}:" in c["h"] for c in data["cards"])
+
+
+def test_recipe_gives_model_data_and_max_length(tiny_checkpoints, tmp_path, capsys):
+    data = ROOT / "tests" / "assets" / "data" / "tiny.jsonl"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  checkpoint_dir: {tiny_checkpoints[2]}\ndata:\n  train_path: {data}\n"
+                      "  max_length: 20\n  last_turn_only: true\n")
+    out = tmp_path / "p.html"
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "max_length 20, loss on the last turn only" in page and "dropped at max_length 20" in page
+    assert "3 of 3 rows shown" in capsys.readouterr().out
+    assert main(["--out", str(out)]) == 2
+    assert "no data: give DATA.jsonl, or --recipe" in capsys.readouterr().err
+    recipe.write_text("model:\n  checkpoint_dir: x\ndata:\n  train_path: y\nlora:\n  rnak: 4\n")
+    assert main(["--recipe", str(recipe), "--out", str(out)]) == 2
+    assert "did you mean 'lora.r'?" in capsys.readouterr().err
