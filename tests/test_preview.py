@@ -304,3 +304,15 @@ def test_recipe_gives_model_data_and_max_length(tiny_checkpoints, tmp_path, caps
     recipe.write_text("model:\n  checkpoint_dir: x\ndata:\n  train_path: y\nlora:\n  rnak: 4\n")
     assert main(["--recipe", str(recipe), "--out", str(out)]) == 2
     assert "did you mean 'lora.r'?" in capsys.readouterr().err
+
+
+def test_page_is_written_atomically_with_the_umask(tmp_path):
+    from finetune.html_page import write_page
+
+    old = os.umask(0o027)
+    try:
+        path = write_page(tmp_path / "sub" / "p.html", "<html></html>")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "<html></html>" and (path.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in path.parent.iterdir()] == ["p.html"]  # no temporary file left behind
