@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="PRED.jsonl",
                    help="predictions JSONL; metrics, when rows have reference answers, go beside it with .jsonl "
                         "replaced by .metrics.json (pred.jsonl -> pred.metrics.json)")
+    p.add_argument("--report", metavar="REPORT.html", help="also write an HTML report: boxes, IoU, failures first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--template", default=None, help="override the stored template (warns)")
@@ -186,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir, force_base=args.force_base)
         if args.use:
             im.use(args.use)
-        predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+        metrics = predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+        if args.report:
+            from .report import report_from_files
+
+            print(f"wrote report {report_from_files(args.report, args.data, args.out, metrics, args.image_root)}")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -560,6 +560,10 @@ class EvalCallback(TrainerCallback):
 
             write_atomic(self.out_dir / f"eval_predictions_step{state.global_step}.jsonl",
                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+            from adapters.report import write_eval_report
+
+            write_eval_report(self.out_dir / f"eval_report_step{state.global_step}.html", self.convs, samples, metrics,
+                              state.global_step)
         if self.trainer is not None:
             self.trainer.eval_seconds += time.time() - t0
             self.trainer.log(metrics)
