@@ -34,6 +34,11 @@ from .token_types import build_position_ids, get_expert_mask
 # Modules that must never be quantized (bitsandbytes) - everything but the decoder's linears.
 FULL_PRECISION_MODULES = ("model.vision", "lm_head")
 
+# transformers renamed the KV-cache argument and output field `past_key_values` -> `cache` during 5.x and warns
+# on every use of the old name. The name this release uses is read off its own output class, so the kit speaks
+# each release's API: outputs carry the cache under CACHE_NAME, and generation hands it to `forward` under it.
+CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small shared pieces
@@ -189,7 +194,7 @@ class VisionExpertAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape  # (B, L, H)
         qkv = routing.apply(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value)
@@ -200,8 +205,8 @@ class VisionExpertAttention(nn.Module):
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         cos, sin = (t.to(q.device) for t in rope)
         q, k = apply_rotary(q, cos, sin, self.rope_fp32_math), apply_rotary(k, cos, sin, self.rope_fp32_math)
-        if past_key_values is not None:  # cache holds K/V after RoPE, before GQA expansion (spec §1.9)
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nkv, T, hd)
+        if cache is not None:  # cache holds K/V after RoPE, before GQA expansion (spec §1.9)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T, hd)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:  # GQA: query head h uses kv head h // rep, i.e. each kv head repeated consecutively (§4.3)
             t = k.shape[2]
@@ -231,12 +236,10 @@ class CogVLMDecoderLayer(GradientCheckpointingLayer):
         rope: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states  # (B, L, H)
-        hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), routing, rope, attn_mask, is_causal, past_key_values
-        )
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), routing, rope, attn_mask, is_causal, cache)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
 
@@ -439,7 +442,7 @@ class CogVLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"  # checkpoint keys start with "model." for the backbone (spec §9.1)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CogVLMDecoderLayer", "TransformerLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
 
@@ -523,38 +526,37 @@ class CogVLMModel(CogVLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         images: Any = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """Decoder forward. Positions always follow the token types (spec §1.3), see `resolve_position_ids`.
+
+        With a non-empty `cache`, `token_type_ids` (and `attention_mask`) may cover the whole sequence, past and
+        new tokens; only the last L inputs are run. `past_key_values` is the pre-5.x name of `cache`.
+        """
+        cache = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
         ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        b, n = ref.shape
-        if token_type_ids is None:
-            token_type_ids = torch.full_like(ref, LANGUAGE_TOKEN_TYPE, dtype=torch.long)
+        n = ref.shape[1]
+        new_types, position_ids = resolve_position_ids(token_type_ids, attention_mask, position_ids, ref, past_len)
 
         if inputs_embeds is None:
             if past_len == 0:
-                inputs_embeds = self._embed(input_ids, token_type_ids, images)  # images only at prefill (§1.7)
+                inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill (§1.7)
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            if past_len > 0:
-                raise ValueError(
-                    "position_ids are required when past_key_values is not empty (positions depend on the whole "
-                    "sequence's token types, spec §1.3); generate() supplies them"
-                )
-            position_ids = default_position_ids(token_type_ids, attention_mask)
 
-        routing = ExpertRouting.from_token_types(token_type_ids.to(inputs_embeds.device))
+        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
         attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
@@ -562,16 +564,91 @@ class CogVLMModel(CogVLMPreTrainedModel):
         hidden_states = inputs_embeds  # (B, L, H)
         for layer in self.layers:
             hidden_states = layer(
-                hidden_states,
-                routing=routing,
-                rope=rope,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-                past_key_values=past_key_values,
+                hidden_states, routing=routing, rope=rope, attn_mask=attn_mask, is_causal=is_causal, cache=cache
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache under either name (`cache` since transformers 5.x renamed it, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` (or as its older name `past_key_values`), not both")
+    return cache if cache is not None else past_key_values
+
+
+def resolve_position_ids(
+    token_type_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs: torch.Tensor,
+    past_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token types of the L new tokens, their position ids), both (B, L); `inputs` (B, L, ...) the new tokens.
+
+    CogVLM positions are a function of the token types (every patch of an image shares one id, spec §1.3),
+    so they are derived here whenever the types of the whole sequence are known: always at prefill, and with a
+    cache when `token_type_ids` covers past + new tokens (what `generate` passes). Explicit `position_ids`
+    that contradict them on a real (unmasked) token are refused, so positions from a generic source (e.g.
+    transformers' `0..L-1`) can never silently change the output. Only when a cache is used and just the new
+    tokens' types are given must the caller supply the positions. New tokens after a cache are LANGUAGE:
+    images are embedded at prefill only.
+    """
+    b, n = inputs.shape[:2]
+    total = past_len + n
+    full = None  # (B, past + L) token types of the whole sequence, when known
+    if token_type_ids is None:
+        new = torch.full((b, n), LANGUAGE_TOKEN_TYPE, dtype=torch.long, device=inputs.device)
+        if past_len == 0:
+            full = new
+    elif token_type_ids.shape[-1] == total:
+        full, new = token_type_ids, token_type_ids[:, total - n :]
+    elif token_type_ids.shape[-1] == n:
+        new = token_type_ids
+    else:
+        raise ValueError(
+            f"token_type_ids has {token_type_ids.shape[-1]} columns, but the input holds {n} new tokens after "
+            f"{past_len} cached ones; pass the types of the new tokens ({n}) or of the whole sequence ({total})"
+        )
+    if past_len > 0 and bool((new == VISION_TOKEN_TYPE).any()):
+        raise ValueError(
+            "token_type_ids mark VISION tokens after a non-empty cache: images are embedded at prefill only; new "
+            "tokens must be LANGUAGE. Start without a cache to add an image."
+        )
+    if full is None:
+        if position_ids is None:
+            raise ValueError(
+                f"cannot derive position ids for {n} new tokens after {past_len} cached ones from their token types "
+                f"alone (an image span shares one position, spec §1.3): pass token_type_ids (and attention_mask) "
+                f"for the whole sequence ({total} columns), as generate() does, or pass position_ids"
+            )
+        return new, position_ids
+    mask = attention_mask
+    if mask is not None and mask.shape[-1] != total:
+        raise ValueError(f"attention_mask has {mask.shape[-1]} columns, expected {total} (cached + new tokens)")
+    if mask is not None:
+        mask = mask.to(full.device)
+    derived = default_position_ids(full, mask)[:, total - n :]  # (B, L)
+    if position_ids is not None:
+        check_position_ids(position_ids, derived, None if mask is None else mask[:, total - n :])
+    return new, derived
+
+
+def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Raise if `given` differs from the positions the token types imply on any real token."""
+    given = given.to(derived.device)
+    if given.dim() != 2 or given.shape[-1] != derived.shape[-1] or given.shape[0] not in (1, derived.shape[0]):
+        raise ValueError(f"position_ids of shape {tuple(given.shape)} do not fit the input {tuple(derived.shape)}")
+    given = given.expand_as(derived)
+    bad = given != derived
+    if mask is not None:
+        bad &= mask != 0
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"position_ids contradict token_type_ids: row {row}, column {col} is {int(given[row, col])}"
+            f" but CogVLM's rule gives {int(derived[row, col])} (every patch of an image shares one position, spec "
+            f"§1.3). Omit position_ids: the model derives them from token_type_ids and attention_mask."
         )
 
 
@@ -636,13 +713,14 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         images: Any = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         loss_only: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Official signature (spec §1.7-1.8), plus kit extensions documented in docs/CONTRACTS.md.
@@ -650,6 +728,8 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         `loss_only` (default: True when training with labels): run lm_head only where a label exists and
         return `logits=None`. Image and prompt positions, most of a CogVLM sequence, carry no label, so
         this skips a (B, L, V) fp32 tensor and its gradient (~3.6 GB at CogVLM2's 2306-token image span).
+        `cache` is the KV cache (`past_key_values`, its name before transformers renamed it, is accepted too);
+        the output carries it under the name the installed transformers uses (`CACHE_NAME`).
         """
         if use_cache is None:
             use_cache = self.config.use_cache and labels is None and not self.training
@@ -659,11 +739,12 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             images=images,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
+        cache = {CACHE_NAME: getattr(outputs, CACHE_NAME)}
         if loss_only is None:
             loss_only = self.training
         if labels is not None and loss_only:
@@ -674,7 +755,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
             if isinstance(denom, torch.Tensor):
                 denom = denom.to(loss.device)
-            return CausalLMOutputWithPast(loss=loss / denom, logits=None, past_key_values=outputs.past_key_values)
+            return CausalLMOutputWithPast(loss=loss / denom, logits=None, **cache)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states).float()  # (B, L, V) always fp32 (spec §1.8)
@@ -690,7 +771,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
                 loss = loss / num_items_in_batch
             else:
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache)
 
     # --- generation hooks ----------------------------------------------------------------------------------
 
@@ -701,40 +782,57 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         default "infer from pad tokens" rule would mask the image. Pass `attention_mask` for padded batches."""
         return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]) -> None:
+        """No generic positions (transformers >= 5.x would make `0..L-1`): the model derives CogVLM's own."""
+        return None
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
         next_sequence_length: int | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         images: Any = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Positions are rebuilt over the whole sequence each step and the new ones kept (spec §1.9)."""
+        """Inputs of one generation step, the same on every transformers release the kit supports.
+
+        The model gets the new tokens, the token types and attention mask of the WHOLE sequence and the cache, so
+        it derives the positions itself (`resolve_position_ids`): whatever positions the installed `generate`
+        would make are never used. `position_ids` a caller passed to `generate` are checked against the token
+        types at prefill and refused if they differ. Images go in at prefill only; new tokens are LANGUAGE
+        (`_update_model_kwargs_for_generation`).
+        """
         if inputs_embeds is not None:
             raise ValueError("CogVLM generation takes input_ids + token_type_ids (+ images), not inputs_embeds")
+        cache = _one_cache(cache, past_key_values)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if token_type_ids is None:
             token_type_ids = torch.full_like(input_ids, LANGUAGE_TOKEN_TYPE)
-        if position_ids is None:
-            position_ids = default_position_ids(token_type_ids, attention_mask)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        n = next_sequence_length if next_sequence_length is not None else input_ids.shape[1]
-        if past_len == 0:
-            n = input_ids.shape[1]
+        total = token_type_ids.shape[1]  # generate keeps the types of the whole sequence (prompt + generated)
+        n = total - past_len
+        if n <= 0 or n > input_ids.shape[1] or (next_sequence_length is not None and next_sequence_length != n):
+            raise ValueError(
+                f"generation step: {input_ids.shape[1]} input ids, token_type_ids for {total} tokens, {past_len} "
+                f"cached; token_type_ids must cover the whole sequence (prompt + generated tokens)"
+            )
+        if position_ids is not None and past_len == 0:  # a caller's explicit positions: check them once
+            k = position_ids.shape[-1]
+            mask = attention_mask[:, :k] if attention_mask is not None else None
+            check_position_ids(position_ids, default_position_ids(token_type_ids[:, :k], mask), mask)
         model_inputs: dict[str, Any] = {
             "input_ids": input_ids[:, -n:],
-            "token_type_ids": token_type_ids[:, -n:],
-            "position_ids": position_ids[:, -n:],
+            "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            CACHE_NAME: cache,
             "images": images if past_len == 0 else None,  # images only at prefill (spec §1.7)
         }
         for key, value in kwargs.items():
-            if key not in model_inputs and key not in ("labels", "cache_position"):
+            if key not in model_inputs and key not in ("labels", "cache_position", "is_first_iteration"):
                 model_inputs[key] = value
         return model_inputs
 

@@ -463,6 +463,36 @@ def test_left_padded_batch_generation_equals_single(tiny_model):
     assert torch.equal(batch[1, ids.shape[1] :], two[0, short_ids.numel() :])
 
 
+def test_positions_follow_token_types_whatever_is_passed(tiny_model):
+    """Positions are derived from the token types; positions that contradict them are refused, not used."""
+    from finetune.modeling_cogvlm import CACHE_NAME
+
+    ids, types, images = make_inputs(tiny_model.config, [[5, 6, 7]])
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids, token_type_ids=types, images=images, use_cache=False).logits
+        same = tiny_model(input_ids=ids, token_type_ids=types, images=images, use_cache=False,
+                          position_ids=default_position_ids(types)).logits
+        torch.testing.assert_close(same, ref, rtol=0, atol=0)
+        plain = torch.arange(ids.shape[1])[None]  # transformers' generic 0..L-1: wrong across the image
+        with pytest.raises(ValueError, match=r"position_ids contradict token_type_ids: row 0, column \d+ is \d+ but"):
+            tiny_model(input_ids=ids, token_type_ids=types, images=images, position_ids=plain)
+
+        # With a cache: token types of the whole sequence -> the new token's position is derived.
+        prefix = tiny_model(input_ids=ids[:, :-1], token_type_ids=types[:, :-1], images=images, use_cache=True)
+        cache = getattr(prefix, CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+        # Only the new token's type and no positions: they cannot be derived -> a clear error.
+        with pytest.raises(ValueError, match="cannot derive position ids"):
+            tiny_model(input_ids=ids[:, -1:], token_type_ids=types[:, -1:], **{CACHE_NAME: cache})
+        with pytest.raises(ValueError, match="images are embedded at prefill only"):
+            tiny_model(input_ids=ids[:, -1:], token_type_ids=torch.ones_like(types), **{CACHE_NAME: cache})
+        with pytest.raises(ValueError, match="not both"):
+            tiny_model(input_ids=ids[:, -1:], token_type_ids=types, cache=cache, past_key_values=copy.copy(cache))
+        assert cache.get_seq_length() == ids.shape[1] - 1  # refused calls leave the cache alone
+        step = tiny_model(input_ids=ids[:, -1:], token_type_ids=types, **{CACHE_NAME: cache}).logits
+        torch.testing.assert_close(step[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: layout, round trip, strictness, dtype, 4-bit
 # ---------------------------------------------------------------------------------------------------------------
