@@ -337,6 +337,7 @@ class ProgressLineCallback(TrainerCallback):
         self._t0 = self._last = None
         self._step0 = 0
         self._loss = self._lr = None
+        self._loss_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last = time.time()
@@ -344,7 +345,7 @@ class ProgressLineCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self._loss, self._lr = logs["loss"], logs.get("learning_rate")
+            self._loss, self._lr, self._loss_step = logs["loss"], logs.get("learning_rate"), state.global_step
             self._print(state, logs.get("tokens_per_s"))
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -360,7 +361,8 @@ class ProgressLineCallback(TrainerCallback):
         parts = [f"step {done}/{total} ({100 * done / total:.0f}%)", f"elapsed {_hms(now - self._t0)}",
                  f"ETA {_hms(eta)}"]
         if self._loss is not None:
-            parts.append(f"loss {self._loss:.4f}")
+            stale = f" (logged at step {self._loss_step})" if self._loss_step != done else ""
+            parts.append(f"loss {self._loss:.4f}{stale}")
         if self._lr is not None:
             parts.append(f"lr {self._lr:.3g}")
         if tok_s is not None:

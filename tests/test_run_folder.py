@@ -329,9 +329,11 @@ def test_error_during_training_saves_a_resumable_checkpoint(task, own_task, tmp_
 def test_skip_invalid_skips_and_counts_undecodable_images_at_run_time(task, own_task, tmp_path):
     out = tmp_path / "run"
     breaker = _BreakImages(own_task.parent / "images", keep=1)
-    train(_cfg(task, out, "data.skip_invalid=true", train_path=own_task), log=lambda *_: None, callbacks=[breaker])
+    # two DataLoader workers (the count is shared with them); 10 steps reach the second epoch's fresh reads
+    train(_cfg(task, out, "data.skip_invalid=true", "data.num_workers=2", "train.max_steps=10", train_path=own_task),
+          log=lambda *_: None, callbacks=[breaker])
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "completed" and run["global_step"] == 4 and run["skipped_images"] > 0
+    assert run["status"] == "completed" and run["global_step"] == 10 and run["skipped_images"] > 0
 
 
 # ---- 9.1: QLoRA trains after an evaluation ----
