@@ -21,4 +21,24 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-.PHONY: install demo test
+# The same kit on the OLDEST releases pyproject.toml allows of the libraries whose APIs it leans on
+# (transformers, peft, accelerate, trl: pins from .ci/lowest_pins.py), in a second virtualenv; CI runs the
+# model, generation, trainer and merge tests there (the full suite runs on the newest, `make test`).
+OLDEST ?= .venv-oldest
+OLDEST_PY := $(OLDEST)/bin/python
+OLDEST_TESTS ?= tests/test_modeling_cogvlm.py tests/test_generation.py tests/test_recipe.py tests/test_merge.py \
+	tests/test_versions.py
+
+$(OLDEST)/.installed: pyproject.toml .ci/lowest_pins.py
+	python3 -m venv $(OLDEST)
+	$(OLDEST_PY) -m pip install -q --upgrade pip
+	$(OLDEST_PY) -m pip install -q "$(TORCH)"
+	python3 .ci/lowest_pins.py > $(OLDEST)/pins.txt
+	$(OLDEST_PY) -m pip install -q -c $(OLDEST)/pins.txt -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST_PY) -m pip freeze | grep -iE '^(torch|transformers|peft|accelerate|trl)=='
+	$(OLDEST_PY) -m pytest $(OLDEST_TESTS)
+
+.PHONY: install demo test test-oldest
