@@ -118,8 +118,8 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models).
-        gradient_checkpointing=False,
+        # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models); the
+        # Trainer's own flag keeps its default, off (its name, gradient_/activation_checkpointing, varies by release).
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
