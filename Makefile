@@ -27,7 +27,9 @@ test: $(VENV)/.installed
 OLDEST ?= .venv-oldest
 OLDEST_PY := $(OLDEST)/bin/python
 OLDEST_TESTS ?= tests/test_modeling_cogvlm.py tests/test_generation.py tests/test_recipe.py tests/test_merge.py \
-	tests/test_versions.py
+	tests/test_versions.py tests/test_warnings.py
+# `cogtune check` trains twice to watch the loss drop (the slowest test); the APIs it uses are covered above.
+OLDEST_DESELECT ?= -k "not test_check_passes_and_fails_when_loss_cannot_drop"
 
 $(OLDEST)/.installed: pyproject.toml .ci/lowest_pins.py
 	python3 -m venv $(OLDEST)
@@ -39,6 +41,6 @@ $(OLDEST)/.installed: pyproject.toml .ci/lowest_pins.py
 
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST_PY) -m pip freeze | grep -iE '^(torch|transformers|peft|accelerate|trl)=='
-	$(OLDEST_PY) -m pytest $(OLDEST_TESTS)
+	$(OLDEST_PY) -m pytest $(OLDEST_DESELECT) $(OLDEST_TESTS)
 
 .PHONY: install demo test test-oldest

@@ -158,13 +158,6 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         optim = optim.removeprefix("paged_")
         log(f"note: paged optimizers need a GPU; {cfg.train.optim} runs as {optim} on CPU")
     tty = sys.stderr.isatty() or os.environ.get("COGTUNE_TQDM") == "1"
-    import dataclasses
-
-    # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models); the
-    # Trainer's own switch stays off, under its transformers >= 5 name where that exists (no FutureWarning).
-    ckpt_flag = {"activation_checkpointing" if any(f.name == "activation_checkpointing" for f in
-                                                   dataclasses.fields(TrainingArguments)) else
-                 "gradient_checkpointing": False}
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.train.per_device_train_batch_size,
@@ -183,7 +176,8 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
-        **ckpt_flag,
+        # Checkpointing is switched on by apply_lora (it must precede peft's wrapping for k-bit models); the
+        # Trainer's own flag keeps its default, off (its name, gradient_/activation_checkpointing, varies by release).
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",

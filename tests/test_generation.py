@@ -138,7 +138,7 @@ def test_generate_refuses_contradicting_position_ids(tiny_model):
 
 @pytest.fixture(scope="module")
 def adapted(tiny_checkpoints, tmp_path_factory):
-    """Per version: (base + adapter as PeftModel, the merged folder loaded back), from one run folder."""
+    """Per version: (base + adapter as PeftModel, the merged folder loaded back, the run folder)."""
     from adapters import merge as merge_mod
 
     from .test_merge import make_run
@@ -155,7 +155,7 @@ def adapted(tiny_checkpoints, tmp_path_factory):
             merge_mod.merge_adapter(run, root / f"merged{v}", dtype="fp32", log=lambda s: None)
             peft_model = merge_mod.attach_adapters(merge_mod.load_base(base, "float32"),
                                                    [("default", merge_mod.resolve_adapter(run))], base)
-            out[v] = (peft_model, merge_mod.load_base(root / f"merged{v}", "float32"))
+            out[v] = (peft_model, merge_mod.load_base(root / f"merged{v}", "float32"), run)
     finally:
         merge_mod.verify_in_fresh_process = verify
     return out
@@ -164,7 +164,7 @@ def adapted(tiny_checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("which", ["peft", "merged"])
 @pytest.mark.parametrize("kind", ["single", "batch"])
 def test_adapted_generate_equals_forward_loop(adapted, version, which, kind):
-    peft_model, merged = adapted[version]
+    peft_model, merged, _ = adapted[version]
     model = peft_model if which == "peft" else merged
     assert_generate_equals_forward(model, merged.config, kind)
     if which == "peft":  # the adapter is really on: its forward differs from the base's
@@ -181,11 +181,11 @@ def test_adapted_generate_equals_forward_loop(adapted, version, which, kind):
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward_loop_answer(model, tok, conv, collator) -> str:
+def _forward_loop_answer(model, tok, conv, collator, steps: int = 4) -> str:
     stops = stop_token_ids(model, tok)
     batch = prepare_batch(model, collator([collator.encode(conv)]))
     _, tokens = forward_loop(model, batch["input_ids"], batch["token_type_ids"], batch.get("images"),
-                             batch["attention_mask"], steps=4, eos=stops, pad=collator.pad_token_id)
+                             batch["attention_mask"], steps=steps, eos=stops, pad=collator.pad_token_id)
     new = tokens[0].tolist()
     cut = next((k for k, t in enumerate(new) if t in stops), len(new))
     return tok.decode(new[:cut], skip_special_tokens=True).strip()
@@ -209,6 +209,29 @@ def test_generate_answers_equals_forward_loop(adapted, tiny_checkpoints, version
     single = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=4, batch_size=1)[0]
               for c in convs]
     assert single == expected
+
+
+def test_predict_and_chat_give_the_forward_loop_tokens(adapted, tiny_checkpoints, tmp_path):
+    """`cogtune predict` and `cogtune chat` as a user runs them: base folder + the run's adapter."""
+    import json
+
+    from adapters.chat import answer
+    from adapters.predict import InferenceModel, predict
+    from finetune.processing_cogvlm import CogVLMCollator
+
+    im = InferenceModel(tiny_checkpoints[1], [str(adapted[1][2])], dtype="fp32")
+    template = im.template()
+    collator = CogVLMCollator(im.tokenizer, im.config, template_version=template, padding_side="left",
+                              add_generation_prompt=True)
+    convs, _ = read_jsonl(DATA)
+    predict(im, DATA, tmp_path / "pred.jsonl", batch_size=3, max_new_tokens=STEPS, log=lambda *_: None)
+    got = [json.loads(line)["prediction"] for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert got == [_forward_loop_answer(im.model, im.tokenizer, c, collator, STEPS) for c in convs]
+    prompt = "Describe the image."
+    said = answer(im, convs[0].images[0], [], prompt, template=template, max_new_tokens=STEPS, stream=False)
+    expected = _forward_loop_answer(im.model, im.tokenizer, Conversation("chat", convs[0].images[:1],
+                                                                         [Message("user", prompt)]), collator, STEPS)
+    assert said == expected and any(got + [said])
 
 
 def test_stream_receives_tokens():
