@@ -26,8 +26,8 @@ test: $(VENV)/.installed
 # model, generation, trainer and merge tests there (the full suite runs on the newest, `make test`).
 OLDEST ?= .venv-oldest
 OLDEST_PY := $(OLDEST)/bin/python
-OLDEST_TESTS ?= tests/test_modeling_cogvlm.py tests/test_generation.py tests/test_recipe.py tests/test_merge.py \
-	tests/test_versions.py tests/test_warnings.py
+OLDEST_TESTS ?= tests/test_modeling_cogvlm.py tests/test_generation.py tests/test_recipe.py tests/test_run_folder.py \
+	tests/test_merge.py tests/test_versions.py tests/test_warnings.py
 # `cogtune check` trains twice to watch the loss drop (the slowest test); the APIs it uses are covered above.
 OLDEST_DESELECT ?= -k "not test_check_passes_and_fails_when_loss_cannot_drop"
 
