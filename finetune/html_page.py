@@ -14,15 +14,15 @@ import base64
 import html
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_formats.boxes import Box, from_cog, parse_boxes
+
+from .fileio import write_atomic
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), one per phrase.
 PALETTE: tuple[str, ...] = ("#d55e00", "#0072b2", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7a3cff", "#b8860b")
@@ -342,30 +342,6 @@ def render_page(title: str, head_html: str, cards: Sequence[Card], images: Image
     )
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, briefly, for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_page(path: str | Path, text: str) -> Path:
     """Write atomically (temp file + rename) with the permissions the umask gives a new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .fileio import respect_umask  # noqa: F401  (re-exported: adapters import it from here)
 
 if TYPE_CHECKING:
     import torch
@@ -166,39 +167,6 @@ def base_fingerprint(checkpoint_dir: str | Path) -> str:
 # File modes: temporary files (mkstemp, mkdtemp, safetensors' own writer) are owner-only; published
 # outputs get the modes the user's umask gives ordinary files.
 # --------------------------------------------------------------------------------------------------
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask round trip elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def respect_umask(path: str | Path) -> None:
-    """chmod `path` (and, for a folder, everything the kit wrote under it) to 0666/0777 minus the umask.
-
-    Executable files keep their x bits (minus the umask). Symlinks are left alone.
-    """
-    mask = current_umask()
-    path = Path(path)
-    todo = [path]
-    if path.is_dir() and not path.is_symlink():
-        todo += [p for p in path.rglob("*")]
-    for p in todo:
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            os.chmod(p, 0o777 & ~mask)
-        elif p.is_file():
-            executable = p.stat().st_mode & 0o111
-            os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -9,37 +9,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str | Path, text: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file.
-
-    mkstemp creates the file owner-only; it gets the mode a plain open() would give (0666 minus the umask).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode() if isinstance(text, str) else text)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .fileio import write_atomic  # noqa: F401  (re-exported: the recipe, check and predict import it from here)
 
 
 def keep_4bit_layers_trainable(model) -> int:
