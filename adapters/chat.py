@@ -2,7 +2,7 @@
 
 With --prompt: one streamed answer. Without: a loop that keeps the history (rendered exactly as training
 renders multi-turn rows, so a fine-tuned model sees familiar tokens). The template is the one stored with
-the adapter (run.json / cogtune.json); --template overrides it with a warning (user-pains C5), and an unknown
+the adapter (run.json / cogtune.json); --template overrides it with a warning (docs/architecture.md §19.7); an unknown
 name fails before the model loads. An answer that starts repeating itself (the same few tokens over and
 over, common with small or undertrained models) is stopped early; library deprecation messages are kept
 out of the answers. Commands in the loop: see HELP.

@@ -6,7 +6,7 @@
   bnb-4bit  merged in high precision and verified first, then quantized with bitsandbytes (nf4 / int8) and
   bnb-8bit  checked again against base + adapter with a looser tolerance. Only the decoder's linears are
             quantized: the model class keeps the vision tower, GLU adapter and lm_head in full precision
-            (user-pains F4: merging into a quantized model loses the delta, so quantization comes last).
+            (merging into a quantized model loses the delta, so quantization comes last: docs/architecture.md §19.11).
 Every format is written beside the output and renamed when complete.
 """
 

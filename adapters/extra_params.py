@@ -1,7 +1,7 @@
 """Bare parameters trained fully beside LoRA: CogVLM's boi/eoi image delimiters.
 
 peft's `modules_to_save` takes modules, but `model.vision.boi` / `.eoi` are bare (1, 1, H) parameters of
-the vision module (their checkpoint keys are fixed, spec §2.2). So the kit trains them directly and
+the vision module (their checkpoint keys are fixed, docs/architecture.md §3, §5.6). So the kit trains them directly and
 stores them next to the adapter in one small safetensors file, which every loader (resume, merge,
 predict, chat) applies after attaching the adapter.
 """

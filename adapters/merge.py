@@ -1,6 +1,6 @@
 """`cogtune merge RUN_OR_ADAPTER_DIR --out DIR`: adapter + base -> one checkpoint in the official layout, verified.
 
-Why each step (user-pains F1-F4):
+Why each step (docs/architecture.md §19.11):
   * the base is read from run.json / cogtune.json, so nothing is repeated on the command line, and it is
     checked (family version, config hash, weight fingerprint, image tokens, every adapter key against a base
     Linear of the right shape) before any weight is loaded: merging onto the wrong base "works" and gives

@@ -1,6 +1,6 @@
 """LoRA target presets resolved to anchored regexes, and the match report printed before training.
 
-Bare leaf names are ambiguous in CogVLM (user-pains D3, style guide §9.8): `gate_proj` matches the
+Bare leaf names are ambiguous in CogVLM (docs/architecture.md §19.8, docs/conventions.md §5): `gate_proj` matches the
 language MLP, the vision MLP *and* the vision adapter's GLU; `dense` matches the vision tower. Every
 preset here is a `re.fullmatch` pattern anchored at `model.layers.N.` or `model.vision.`, and the
 union is handed to peft as one string (peft full-matches a string `target_modules`).

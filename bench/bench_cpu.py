@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="timed repetitions per variant (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--plan", action="store_true", help="print the analytic full-size memory plan and exit")
-    parser.add_argument("--config-dir", type=Path, default=Path("/work/shared/reference/configs"),
+    parser.add_argument("--config-dir", type=Path, default=REPO / "tests" / "assets" / "reference" / "configs",
                         help="folder of the reference config.json files (for --plan)")
     args = parser.parse_args(argv)
     if args.plan:

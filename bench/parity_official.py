@@ -28,7 +28,7 @@ Usage:
 Prints max/mean |logits diff| (and |loss diff|) per case; exits 1 if any gated fp32 case exceeds --tol (1e-4).
 bf16 rows are informational: expect ~1 bf16 ulp of the logits. On unpadded input it comes from our RoPE rotating
 in bf16 (x*cos + rotate_half(x)*sin, three roundings) where the official kernel rotates in fp32 and rounds once;
-padded input adds the official eager fp32-softmax path vs our SDPA (spec §1.5).
+padded input adds the official eager fp32-softmax path vs our SDPA (docs/architecture.md §9.4).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def memory_efficient_attention(
 
 
 class FastRotaryEmbedding(nn.Module):
-    """Pure-torch stand-in for the official Triton `FastRotaryEmbedding` (spec §4.3, §2.4, §7.2)."""
+    """Pure-torch stand-in for the official Triton `FastRotaryEmbedding` (docs/architecture.md §10)."""
 
     def __init__(
         self,
@@ -274,7 +274,7 @@ def build_cases(cfg: Any, seed: int) -> list[Case]:
         Case("d: labels (batch b)", _with_labels(padded, 4)),
         Case("e: long text-only (L=600)", _batch([(599, False)], cfg, gen)),
         Case("f: 2 rows left-padded", _batch([(12, True), (5, True)], cfg, gen, pad="left"), gated=False,
-             note="ours deliberately drops the official +1 position shift (spec §1.3)"),
+             note="ours deliberately drops the official +1 position shift (docs/architecture.md §8.1)"),
     ]
 
 

@@ -1,7 +1,7 @@
 """Grounding boxes as CogVLM/CogAgent write them: `[[x0,y0,x1,y1]]` on a 000-999 scale.
 
 Users bring boxes in pixels (xyxy), COCO pixels (xywh) or normalised [0,1] xyxy; the checkpoints read
-and write only the text form (user-pains H1). One conversion rule is used everywhere:
+and write only the text form (docs/architecture.md §19.13). One conversion rule is used everywhere:
 
     value = clamp(round(fraction * 1000), 0, 999)      fraction = pixel / image side
     fraction = value / 1000                            (the inverse, for evaluation)

@@ -3,7 +3,7 @@
     DATASET/images/0001.jpg            (any image extension: matched to its label by file stem)
     DATASET/labels_en/0001.json        {"conversations": [{"role": "user", "content": ...}, ...]}
 
-The official loader hard-codes `labels_en` and `.jpg` (user-pains C1); here the labels folder is an
+The official loader hard-codes `labels_en` and `.jpg` (docs/architecture.md §19.6); here the labels folder is an
 option (`labels_en` by default when present, else `labels_zh`) and any extension PIL can read is
 matched. INPUT may be one such folder or a parent holding several (the 311K release has subsets).
 """

@@ -1,8 +1,8 @@
 """The one canonical data format: JSONL, one conversation a line (see data_formats/README.md).
 
 Everything that reads user data goes through `validate_rows`, which collects every problem of every
-row before anything fails (style guide §9.13): users fix a file in one pass instead of one error per
-run (user-pains C1). `read_jsonl` is the structural pass (images checked for existence);
+row before anything fails (docs/conventions.md §8): users fix a file in one pass instead of one error per
+run (docs/architecture.md §19.6). `read_jsonl` is the structural pass (images checked for existence);
 `validate_rows(check_images=True)` also decodes every image, as training's validation does. Image
 paths must stay under the data root unless explicitly allowed. No torch here: plain Python + PIL.
 """

@@ -1,4 +1,4 @@
-"""`cogtune VERB ...`: one entry point, explicit verbs (style guide §9.15).
+"""`cogtune VERB ...`: one entry point, explicit verbs (docs/conventions.md §10).
 
 Each verb lives in the module that does the work and exposes `main(argv) -> int`; this file only
 dispatches, and imports the module for the chosen verb alone so that `--help` stays fast.

@@ -1,4 +1,4 @@
-"""Recipes: YAML that maps 1:1 onto typed dataclasses, strictly (style guide §9.1–9.4).
+"""Recipes: YAML that maps 1:1 onto typed dataclasses, strictly (docs/conventions.md §1).
 
 A recipe is `RunConfig{model, data, lora, quant, train, eval, output}`. Loading walks the YAML and
 the dataclasses together: an unknown key is an error naming its dotted path and the nearest valid

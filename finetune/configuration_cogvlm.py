@@ -1,7 +1,7 @@
 """`CogVLMConfig`: reads the official CogVLM / CogVLM2 `config.json` files exactly as shipped.
 
 The official files carry no `model_type`, and CogVLM2's key/value head count is absent from its
-config.json (it came from the official config class default, spec §4.1). CogVLM1 files have no
+config.json (it came from the official config class default, docs/architecture.md §2). CogVLM1 files have no
 KV-head field either but are plain multi-head attention. The two are told apart by the vocabulary:
 CogVLM2 uses the Llama-3 tokenizer (128256 ids), CogVLM1 Vicuna's (32000). Tiny checkpoints written
 by `cogtune make-tiny` state `cogvlm_version` and `num_multi_query_heads` explicitly.

@@ -3,7 +3,7 @@
 Why `datasets`: tokenization is cached on disk (Arrow) keyed by a fingerprint of everything that changes
 the tokens (source file, tokenizer, template, max_length, label mode, image span), so a restart or a second
 run skips it; `streaming=True` reads files too large to encode up front. Images stay references until a
-DataLoader worker asks for the item (user-pains E4): nothing is decoded in the main process and nothing
+DataLoader worker asks for the item (docs/architecture.md §19.10): nothing is decoded in the main process and nothing
 is moved to a device here.
 """
 
@@ -32,7 +32,7 @@ _COLUMNS = ("input_ids", "token_type_ids", "labels", "images", "dropped_turns", 
 
 @dataclass
 class EncodeStats:
-    """What encoding dropped, for the run log (nothing is dropped silently, user-pains C3)."""
+    """What encoding dropped, for the run log (nothing is dropped silently, docs/architecture.md §19.5)."""
 
     rows: int = 0
     kept: int = 0

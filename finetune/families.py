@@ -1,7 +1,7 @@
 """Model-family presets as data: what differs between CogVLM, CogAgent and CogVLM2 checkpoints.
 
-One table, no registry (style guide §9.5). Each entry names the official checkpoint it describes;
-the numbers come from its `config.json` (``../shared/reference/configs``) and the architecture spec.
+One table, no registry (docs/conventions.md §2). Each entry names the official checkpoint it describes;
+the numbers come from its `config.json` (copies in ``tests/assets/reference/configs``) and docs/architecture.md.
 Everything here is plain Python so that `cogtune check/config/--help` never import torch.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Token types (spec §1.1). Every image placeholder, boi and eoi included, is VISION.
+# Token types (docs/architecture.md §6, §7). Every image placeholder, boi and eoi included, is VISION.
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
 
-# CLIP normalisation used by every family's image transform (spec §6.1).
+# CLIP normalisation used by every family's image transform (docs/architecture.md §13).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -33,7 +33,7 @@ class FamilySpec:
 
     @property
     def image_tokens(self) -> int:
-        """Length of one image's VISION span in the sequence, boi and eoi included (spec §6.3)."""
+        """Length of one image's VISION span in the sequence, boi and eoi included (docs/architecture.md §5.7)."""
         return image_token_count(self.version, self.image_size, self.patch_size)
 
 

@@ -1,7 +1,7 @@
 """Batched greedy generation and answer scoring, shared by training eval, `cogtune predict` and `chat`.
 
 Batches are LEFT padded by the collator (new tokens must follow every row's last real token) and carry
-the attention mask, so padding is never attended (user-pains F6). Position ids are not taken from the
+the attention mask, so padding is never attended (docs/architecture.md §17). Position ids are not taken from the
 collator: the model rebuilds them at every step from token types and the mask, normalised so that a
 left-padded row gets the same positions as the row alone. Hence a batch of N gives the same greedy
 output as N batches of 1 (pinned by tests/test_generation.py).

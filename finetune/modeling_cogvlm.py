@@ -1,13 +1,13 @@
 """Clean-room CogVLM (v1) and CogVLM2 image models for current transformers.
 
-Written from the architecture spec (`shared/design/architecture.md`, cited as "spec §x"), not from the
+Written from a description of the official behaviour (docs/architecture.md, cited as "§N"), not from the
 official remote code. Module attribute names equal the official checkpoint keys, so official folders load
 strictly without renaming. Differences from the official code are performance/robustness only:
 
 * SDPA everywhere (decoder and vision tower); padded or packed batches use a boolean mask built once per
-  forward instead of the official fp32 eager path (spec §1.5 says this is equivalent up to bf16 noise).
+  forward instead of the official fp32 eager path (equivalent up to bf16 noise, §9.4).
 * Expert routing gathers each expert's tokens once per forward (indices shared by all layers) instead of
-  re-deriving boolean masks six times per layer (spec §7.3).
+  re-deriving boolean masks six times per layer (§7).
 * transformers 5.x `Cache` objects, gradient checkpointing, packed sequences (segment-id attention masks).
 * Padding is respected in generation, and left padding does not shift positions (see `default_position_ids`).
 """
@@ -46,7 +46,7 @@ CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_
 
 
 class CogVLMRMSNorm(nn.Module):
-    """RMSNorm that multiplies by the weight in fp32 before casting back (spec §1.2; HF Llama casts first)."""
+    """RMSNorm that multiplies by the weight in fp32 before casting back (§9.2; HF Llama casts first)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -57,13 +57,13 @@ class CogVLMRMSNorm(nn.Module):
         dtype = hidden_states.dtype
         h = hidden_states.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight * h).to(dtype)  # weight promoted to fp32 here (spec §1.2)
+        return (self.weight * h).to(dtype)  # weight promoted to fp32 here (§9.2)
 
 
 class RotaryEmbedding(nn.Module):
     """Holds the checkpoint's persistent `inv_freq` buffer and turns position ids into cos/sin.
 
-    Spec §7.2 quirk: the position ramp and `t * inv_freq` are computed in the dtype of `inv_freq` (bf16 in a
+    Quirk (§10.2): the position ramp and `t * inv_freq` are computed in the dtype of `inv_freq` (bf16 in a
     bf16 model, so positions > 256 are rounded), cos/sin then cast to the activation dtype.
     """
 
@@ -72,7 +72,7 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.base = base
         # Built in fp32, stored in the default dtype: `from_pretrained(dtype=bf16)` then holds a bf16 buffer, as
-        # the official bf16 checkpoints do (spec §7.1), and the checkpoint's values are loaded into it.
+        # the official bf16 checkpoints do (§10.1), and the checkpoint's values are loaded into it.
         inv_freq = self.compute_inv_freq().to(torch.get_default_dtype())
         self.register_buffer("inv_freq", inv_freq, persistent=True)  # (hd/2,)
 
@@ -81,14 +81,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
-        t = position_ids.to(device=inv_freq.device, dtype=inv_freq.dtype)  # (B, L) ramp in inv_freq dtype (§7.2)
+        t = position_ids.to(device=inv_freq.device, dtype=inv_freq.dtype)  # (B, L) ramp in inv_freq dtype (§10.2)
         freqs = t[..., None] * inv_freq  # (B, L, hd/2), still in inv_freq dtype
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, hd) half-split layout
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, L, hd) each
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX half-split rotation: concat(-x2, x1) over the two halves of the head dim (spec §3.4)."""
+    """GPT-NeoX half-split rotation: concat(-x2, x1) over the two halves of the head dim (§10.3)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -96,8 +96,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32_math: bool = False) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, x: (B, heads, L, hd).
 
-    `fp32_math` reproduces CogVLM2's Triton kernel (util.py, spec §4.3), which upcasts x, cos and sin to
-    fp32 and rounds once on store; CogVLM1's de-tritoned torch RotaryEmbedding (spec §2.4) computes in the
+    `fp32_math` reproduces CogVLM2's Triton kernel (util.py, §10.4), which upcasts x, cos and sin to
+    fp32 and rounds once on store; CogVLM1's de-tritoned torch RotaryEmbedding (§10.4) computes in the
     activation dtype. Identical in fp32; in bf16 this keeps each family bit-close to its official code.
     """
     if fp32_math and x.dtype != torch.float32:
@@ -107,7 +107,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32_mat
 
 @dataclass
 class ExpertRouting:
-    """Token indices per expert, computed once per forward and reused by every layer (spec §7.3).
+    """Token indices per expert, computed once per forward and reused by every layer (§7).
 
     `inv` is None when every token goes to the language expert (text-only input, decode steps).
     """
@@ -118,7 +118,7 @@ class ExpertRouting:
 
     @classmethod
     def from_token_types(cls, token_type_ids: torch.Tensor) -> ExpertRouting:
-        vision = get_expert_mask(token_type_ids).reshape(-1)  # (B*L,) eoi/padding -> language (spec §1.1)
+        vision = get_expert_mask(token_type_ids).reshape(-1)  # (B*L,) eoi/padding -> language (§7)
         vis_idx = vision.nonzero().squeeze(1)  # the one host sync of routing per forward
         if vis_idx.numel() == 0:
             return cls()
@@ -145,7 +145,7 @@ class ExpertRouting:
 
 
 class MLP(nn.Module):
-    """SwiGLU without bias (spec §1.2)."""
+    """SwiGLU without bias (§9.1)."""
 
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
@@ -169,7 +169,7 @@ class VisionExpertMLP(nn.Module):
 
 
 class VisionExpertAttention(nn.Module):
-    """Expert-routed self-attention: fused [Q|K|V] per expert, RoPE, GQA (v2), SDPA (spec §1.2, §4.3)."""
+    """Expert-routed self-attention: fused [Q|K|V] per expert, RoPE, GQA (v2), SDPA (§9.3, §9.4)."""
 
     def __init__(self, config: CogVLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -180,8 +180,8 @@ class VisionExpertAttention(nn.Module):
         h = config.hidden_size
         qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
-        self.rope_fp32_math = config.cogvlm_version == 2  # Triton rotary upcasts (spec §4.3)
-        # Spec §4.2: only CogVLM2's vision-expert QKV has a bias.
+        self.rope_fp32_math = config.cogvlm_version == 2  # Triton rotary upcasts (§10.4)
+        # §3: only CogVLM2's vision-expert QKV has a bias.
         self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
         self.language_expert_query_key_value = nn.Linear(h, qkv, bias=False)
@@ -199,16 +199,16 @@ class VisionExpertAttention(nn.Module):
         b, n, _ = hidden_states.shape  # (B, L, H)
         qkv = routing.apply(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)  # [Q | K | V] blocks, head-major (spec §1.2)
+        q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)  # [Q | K | V] blocks, head-major (§9.3)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         cos, sin = (t.to(q.device) for t in rope)
         q, k = apply_rotary(q, cos, sin, self.rope_fp32_math), apply_rotary(k, cos, sin, self.rope_fp32_math)
-        if cache is not None:  # cache holds K/V after RoPE, before GQA expansion (spec §1.9)
+        if cache is not None:  # cache holds K/V after RoPE, before GQA expansion (§9.5)
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T, hd)
         rep = self.num_heads // self.num_kv_heads
-        if rep > 1:  # GQA: query head h uses kv head h // rep, i.e. each kv head repeated consecutively (§4.3)
+        if rep > 1:  # GQA: query head h uses kv head h // rep, i.e. each kv head repeated consecutively (§9.3)
             t = k.shape[2]
             k = k[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
             v = v[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
@@ -219,7 +219,7 @@ class VisionExpertAttention(nn.Module):
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm Llama layer with expert-duplicated attention and MLP (spec §1.2)."""
+    """Pre-norm Llama layer with expert-duplicated attention and MLP (§9.1)."""
 
     def __init__(self, config: CogVLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -245,7 +245,7 @@ class CogVLMDecoderLayer(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Vision tower (EVA2-CLIP-E, spec §1.6)
+# Vision tower (EVA2-CLIP-E, §5)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -254,14 +254,14 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         d, p = vc["hidden_size"], vc["patch_size"]
         self.proj = nn.Conv2d(vc["in_channels"], d, kernel_size=p, stride=p, bias=True)
-        self.cls_embedding = nn.Parameter(torch.zeros(1, d))  # 2-D (1, D) as in the checkpoint (spec §9.3)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, d))  # 2-D (1, D) as in the checkpoint (§3)
         self.position_embedding = nn.Embedding(vc["num_positions"], d)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.proj(images).flatten(2).transpose(1, 2)  # (N, g*g, D) row-major patches
         cls = self.cls_embedding.to(x.dtype).expand(x.shape[0], -1, -1)  # (N, 1, D)
         x = torch.cat((cls, x), dim=1)  # (N, g*g+1, D)
-        return x + self.position_embedding.weight.to(x.dtype)[None]  # whole table added (spec §1.6)
+        return x + self.position_embedding.weight.to(x.dtype)[None]  # whole table added (§5.1)
 
 
 class VisionAttention(nn.Module):
@@ -277,7 +277,7 @@ class VisionAttention(nn.Module):
         b, n, d = x.shape  # (N, T, D)
         qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (N, heads, T, hd) each
-        # Spec §7.4: official uses xformers (B, L, H, D); SDPA on (B, H, L, D) is the correct equivalent.
+        # §5.3: official uses xformers (B, L, H, D); SDPA on (B, H, L, D) is the correct equivalent.
         out = F.scaled_dot_product_attention(q, k, v)  # non-causal, no mask, scale hd^-0.5
         return self.dense(out.transpose(1, 2).reshape(b, n, d))
 
@@ -289,11 +289,11 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(vc["intermediate_size"], vc["hidden_size"], bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU (spec §1.6)
+        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU (§5.2)
 
 
 class TransformerLayer(GradientCheckpointingLayer):
-    """Spec §1.6 quirk: LayerNorm on each branch's *output*; the branch input is the raw residual stream."""
+    """Quirk (§5.2): LayerNorm on each branch's *output*; the branch input is the raw residual stream."""
 
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
@@ -320,7 +320,7 @@ class Transformer(nn.Module):
 
 
 class GLU(nn.Module):
-    """Adapter vision -> LLM width; no biases; LayerNorm with PyTorch's default eps 1e-5 (spec §1.6)."""
+    """Adapter vision -> LLM width; no biases; LayerNorm with PyTorch's default eps 1e-5 (§5.5)."""
 
     def __init__(self, config: CogVLMConfig, in_features: int) -> None:
         super().__init__()
@@ -337,7 +337,7 @@ class GLU(nn.Module):
 
 
 class EVA2CLIPModel(nn.Module):
-    """Images (N, 3, S, S) -> (N, image_tokens, H) including boi/eoi (spec §1.6, §4.4)."""
+    """Images (N, 3, S, S) -> (N, image_tokens, H) including boi/eoi (§5)."""
 
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
@@ -346,7 +346,7 @@ class EVA2CLIPModel(nn.Module):
         self.patch_embedding = PatchEmbedding(vc)
         self.transformer = Transformer(vc)
         self.linear_proj = GLU(config, in_features=d)
-        if config.cogvlm_version == 2:  # 2x2 stride-2 downsampling, CogVLM2 only (spec §1.6)
+        if config.cogvlm_version == 2:  # 2x2 stride-2 downsampling, CogVLM2 only (§5.4)
             self.conv = nn.Conv2d(d, d, kernel_size=2, stride=2, bias=True)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -377,9 +377,9 @@ def is_packed(attention_mask: torch.Tensor | None) -> bool:
 
 
 def default_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) positions by the official rule (spec §1.3), per segment for packed masks.
+    """(B, L) positions by the official rule (§8), per segment for packed masks.
 
-    Deliberate deviation (spec §1.3 / §7.6): the official rule gives BOS of a left-padded row position 1,
+    Deliberate deviation (§8.1): the official rule gives BOS of a left-padded row position 1,
     shifting the whole row by +1 compared with the same row unpadded. We subtract each row's (segment's)
     first real position so that a left-padded batch produces the same positions - and hence the same
     outputs - as each row alone. Unpadded and right-padded rows are unchanged.
@@ -439,7 +439,7 @@ def build_attention_mask(
 class CogVLMPreTrainedModel(PreTrainedModel):
     config_class = CogVLMConfig
     config: CogVLMConfig
-    base_model_prefix = "model"  # checkpoint keys start with "model." for the backbone (spec §9.1)
+    base_model_prefix = "model"  # checkpoint keys start with "model." for the backbone (§3)
     supports_gradient_checkpointing = True
     _no_split_modules = ["CogVLMDecoderLayer", "TransformerLayer"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
@@ -479,7 +479,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
         self.embed_tokens = value
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, image_tokens, H), run in the pixel dtype (spec §7.1)."""
+        """(N, 3, S, S) -> (N, image_tokens, H), run in the pixel dtype (§5.8)."""
         return self.vision(images)
 
     @staticmethod
@@ -507,7 +507,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 f"eoi). Every image needs exactly {per_image} consecutive VISION-typed positions."
             )
         param = self.vision.patch_embedding.proj.weight
-        # The tower runs in the pixel dtype (spec §7.1); pixels of another dtype than the tower's weights (e.g. fp32
+        # The tower runs in the pixel dtype (§5.8); pixels of another dtype than the tower's weights (e.g. fp32
         # pixels from a collator, bf16 model) are cast to the weights' dtype instead of failing in the conv.
         feats = self.encode_images(pixels.to(device=param.device, dtype=param.dtype))  # (N, P+2, H)
         if feats.shape[1] != per_image:
@@ -516,7 +516,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 f"expects {per_image}; are the images {self.config.vision_config['image_size']} px?"
             )
         feats = feats.reshape(-1, feats.shape[-1]).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        # Row-major (batch-major) order, as the official index_put (spec §1.7).
+        # Row-major (batch-major) order, as the official index_put (§6).
         return inputs_embeds.masked_scatter(vision_pos[..., None], feats)
 
     def forward(
@@ -532,7 +532,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """Decoder forward. Positions always follow the token types (spec §1.3), see `resolve_position_ids`.
+        """Decoder forward. Positions always follow the token types (§8.3), see `resolve_position_ids`.
 
         With a non-empty `cache`, `token_type_ids` (and `attention_mask`) may cover the whole sequence, past and
         new tokens; only the last L inputs are run. `past_key_values` is the pre-5.x name of `cache`.
@@ -552,7 +552,7 @@ class CogVLMModel(CogVLMPreTrainedModel):
 
         if inputs_embeds is None:
             if past_len == 0:
-                inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill (§1.7)
+                inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill (§6)
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
 
@@ -586,7 +586,7 @@ def resolve_position_ids(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token types of the L new tokens, their position ids), both (B, L); `inputs` (B, L, ...) the new tokens.
 
-    CogVLM positions are a function of the token types (every patch of an image shares one id, spec §1.3),
+    CogVLM positions are a function of the token types (every patch of an image shares one id, §8),
     so they are derived here whenever the types of the whole sequence are known: always at prefill, and with a
     cache when `token_type_ids` covers past + new tokens (what `generate` passes). Explicit `position_ids`
     that contradict them on a real (unmasked) token are refused, so positions from a generic source (e.g.
@@ -619,8 +619,8 @@ def resolve_position_ids(
         if position_ids is None:
             raise ValueError(
                 f"cannot derive position ids for {n} new tokens after {past_len} cached ones from their token types "
-                f"alone (an image span shares one position, spec §1.3): pass token_type_ids (and attention_mask) "
-                f"for the whole sequence ({total} columns), as generate() does, or pass position_ids"
+                f"alone (an image span shares one position, docs/architecture.md §8): pass token_type_ids and "
+                f"attention_mask for the whole sequence ({total} columns), as generate() does, or pass position_ids"
             )
         return new, position_ids
     mask = attention_mask
@@ -647,8 +647,8 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"position_ids contradict token_type_ids: row {row}, column {col} is {int(given[row, col])}"
-            f" but CogVLM's rule gives {int(derived[row, col])} (every patch of an image shares one position, spec "
-            f"§1.3). Omit position_ids: the model derives them from token_type_ids and attention_mask."
+            f" but CogVLM's rule gives {int(derived[row, col])} (every patch of an image shares one position, see "
+            f"docs/architecture.md §8). Omit position_ids: the model derives them from the token types and mask."
         )
 
 
@@ -661,7 +661,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = CogVLMModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # not tied (spec §1.8)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # not tied (§11)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -723,7 +723,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Official signature (spec §1.7-1.8), plus kit extensions documented in docs/CONTRACTS.md.
+        """Official signature (§6, §11), plus kit extensions documented in docs/CONTRACTS.md.
 
         `loss_only` (default: True when training with labels): run lm_head only where a label exists and
         return `logits=None`. Image and prompt positions, most of a CogVLM sequence, carry no label, so
@@ -748,7 +748,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         if loss_only is None:
             loss_only = self.training
         if labels is not None and loss_only:
-            shift_labels = labels[:, 1:].to(hidden_states.device)  # causal shift (spec §1.8)
+            shift_labels = labels[:, 1:].to(hidden_states.device)  # causal shift (§11)
             keep = shift_labels != -100  # (B, L-1)
             picked = self.lm_head(hidden_states[:, :-1][keep]).float()  # (N_labels, V)
             loss = F.cross_entropy(picked, shift_labels[keep], reduction="sum")
@@ -758,11 +758,11 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=loss / denom, logits=None, **cache)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states).float()  # (B, L, V) always fp32 (spec §1.8)
+        logits = self.lm_head(hidden_states).float()  # (B, L, V) always fp32 (§11)
 
         loss = None
         if labels is not None:
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # causal shift (spec §1.8)
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # causal shift (§11)
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
             if num_items_in_batch is not None:  # token-weighted across gradient accumulation
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
@@ -778,7 +778,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]
     ) -> torch.Tensor:
-        """All ones when the caller passed no mask: image placeholders use the pad id (spec §6.3), so the
+        """All ones when the caller passed no mask: image placeholders use the pad id (§6), so the
         default "infer from pad tokens" rule would mask the image. Pass `attention_mask` for padded batches."""
         return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
 
@@ -829,7 +829,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
             CACHE_NAME: cache,
-            "images": images if past_len == 0 else None,  # images only at prefill (spec §1.7)
+            "images": images if past_len == 0 else None,  # images only at prefill (§6)
         }
         for key, value in kwargs.items():
             if key not in model_inputs and key not in ("labels", "cache_position", "is_first_iteration"):
@@ -839,7 +839,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     def _update_model_kwargs_for_generation(
         self, outputs: Any, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
     ) -> dict[str, Any]:
-        """Like the default, but new tokens are typed LANGUAGE (spec §1.9), not a copy of the last type."""
+        """Like the default, but new tokens are typed LANGUAGE (§17), not a copy of the last type."""
         token_type_ids = model_kwargs.pop("token_type_ids", None)
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens

@@ -1,10 +1,10 @@
 """Conversation -> model inputs: prompt templates, image spans, labels, image transform, collator, packing.
 
-Pure functions of (tokenizer, config, conversation); no model import (style guide §9.7). The same
+Pure functions of (tokenizer, config, conversation); no model import (docs/conventions.md §4). The same
 `encode_conversation` serves training and inference, so a fine-tuned model sees at inference exactly
-the tokens it was trained on (user-pains C5, D7).
+the tokens it was trained on (docs/architecture.md §19.7, §19.9).
 
-Sequence layout (spec §6.1)::
+Sequence layout (docs/architecture.md §15; a bare "§N" in this file is a section of that document)::
 
     [BOS] [image span: image_tokens x placeholder, VISION] [turn 0 prompt] [answer 0] [EOS] [turn 1 prompt] ...
 
@@ -12,7 +12,7 @@ Rendering of a multi-turn conversation (decided here; the official code trains o
   * turn 0's prompt is the official single-turn prompt `build_prompt(q0, [])`, so a one-turn row
     (training or inference) gives exactly the tokens of the official `build_conversation_input_ids`;
   * every answer is tokenized on its own and appended right after its prompt with no inserted space,
-    then EOS (spec §6.4); loss is on every answer and its EOS (or only the last with `last_turn_only`);
+    then EOS (§15.2); loss is on every answer and its EOS (or only the last with `last_turn_only`);
   * a later turn k starts after the previous EOS with the text the official history string puts after
     an answer (`"\\n"` for chat/vqa, `" [INST] "` for CogAgent chat, `"\\nQuestion: "` for chat_old),
     then the query and the answer cue. Templates whose official form ignores history (`base`, CogAgent
@@ -50,7 +50,7 @@ PromptFamily = Literal["cogvlm", "cogagent"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Templates (spec §6.2)
+# Templates (docs/architecture.md §14)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -111,7 +111,7 @@ def build_prompt(
     family: str | int = "cogvlm",
     system: str | None = None,
 ) -> str:
-    """The official prompt string (spec §6.2) for `query` after `history` [(question, answer), ...].
+    """The official prompt string (§14) for `query` after `history` [(question, answer), ...].
 
     This is what the official `build_conversation_input_ids` tokenizes in one piece. The kit encodes
     history turn by turn instead (module docstring); with no history both give the same tokens.
@@ -186,7 +186,7 @@ class _Piece:
         self.labels += list(ids) if train else [IGNORE_INDEX] * len(ids)
 
     def image(self, ref: Any, n: int, placeholder: int, separator: list[int]) -> None:
-        # Two touching VISION runs would merge into one for position ids and boi/eoi (spec §1.3).
+        # Two touching VISION runs would merge into one for position ids and boi/eoi (§8).
         if self.types and self.types[-1] == VISION_TOKEN_TYPE:
             self.text(separator)
         self.ids += [placeholder] * n
@@ -337,7 +337,7 @@ def _open_rgb(ref: Any) -> Image.Image:
 
 
 def load_and_transform_image(ref: Any, image_size: int) -> torch.Tensor:
-    """(3, S, S) float32: RGB -> resize (S, S) bicubic, no aspect kept -> [0, 1] -> CLIP mean/std (spec §6.1).
+    """(3, S, S) float32: RGB -> resize (S, S) bicubic, no aspect kept -> [0, 1] -> CLIP mean/std (§13).
 
     Same numbers as the official torchvision Resize/ToTensor/Normalize on PIL images (PIL's resize is
     antialiased), without torchvision. Runs in DataLoader workers; nothing is moved to a device here.
@@ -385,7 +385,7 @@ class CogVLMCollator:
         token_type_ids  VISION (1) over each image span, LANGUAGE (0) elsewhere, padding included
         attention_mask  1 / 0 (pad); with packing, segment ids 1..k per row, 0 for padding
         labels          answer tokens + EOS, -100 elsewhere (image, BOS, prompt, history, pad)
-        position_ids    build_position_ids (spec §1.3) of each row alone (BOS = 0 with left padding too),
+        position_ids    build_position_ids (§8.1) of each row alone (BOS = 0 with left padding too),
                         restarted per packed segment; leave them out of generate(), the model rebuilds them
         images          (N, 3, S, S) float32, every image in row-major order, or None
 
@@ -486,7 +486,7 @@ class CogVLMCollator:
                 labels[r, sl] = torch.tensor(e.labels, dtype=torch.long)
                 attention_mask[r, sl] = seg if self.packing else 1
                 # Positions of each row (packed: each segment) as if alone: BOS = 0 also when left-padded,
-                # where the official rule would give 1 (spec §1.3); equals the model's default_position_ids.
+                # where the official rule would give 1 (§8.1); equals the model's default_position_ids.
                 position_ids[r, sl] = build_position_ids(token_type_ids[r:r + 1, sl])[0]
                 images += [self._image(ref) for ref in e.images]
                 start += len(e)

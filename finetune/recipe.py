@@ -1,4 +1,4 @@
-"""Train a LoRA/QLoRA adapter from a recipe, top to bottom (style guide §9.9).
+"""Train a LoRA/QLoRA adapter from a recipe, top to bottom (docs/conventions.md §6).
 
     accelerate launch train.py recipes/<recipe>.yaml [key=value ...]
 

@@ -23,7 +23,7 @@ def _special_ids(version: int) -> dict[str, Any]:
 
     tok = build_tiny_tokenizer(version)
     ids: dict[str, Any] = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
-    if version == 2:  # CogVLM2 stops on eos and <|eot_id|> (spec §4.1)
+    if version == 2:  # CogVLM2 stops on eos and <|eot_id|> (docs/architecture.md §2)
         ids["eos_token_id"] = [tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")]
     else:
         ids["eos_token_id"] = tok.eos_token_id

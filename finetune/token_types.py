@@ -1,6 +1,6 @@
 """Token-type rules shared by the model and the collator: expert routing and position ids.
 
-Both are ports of official behaviour (spec §1.1 and §1.3) and are pinned by golden tests. They live
+Both are ports of official behaviour (docs/architecture.md §7 and §8) and are pinned by golden tests. They live
 apart from the model so the data side can build position ids without importing model code.
 """
 
@@ -14,7 +14,7 @@ from .families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 def get_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: True where a position is routed to the vision expert.
 
-    Spec §1.1 quirk: a position uses the vision expert only if it AND the next position are VISION,
+    Quirk (§7): a position uses the vision expert only if it AND the next position are VISION,
     so the eoi token (last of a run) goes to the language expert; the last column is always language.
     """
     mask = torch.zeros_like(token_type_ids, dtype=torch.bool)  # (B, L)
@@ -23,7 +23,7 @@ def get_expert_mask(token_type_ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_position_ids(token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) long position ids by the official rule (spec §1.3).
+    """(B, L) long position ids by the official rule (§8).
 
     boi and eoi get their own ids, all interior patches of one image share one id, padding does not
     advance the counter. Example (one image of 4 patches): BOS=0, boi=1, patches=2, eoi=3, text=4, 5...

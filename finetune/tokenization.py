@@ -36,7 +36,7 @@ _SIZES = "large small big tiny medium".split()
 _NUMBERS = "zero one two three four five six seven eight nine ten".split()
 
 # Sentences in the style of the demo data set (colours, shapes, positions, sizes, counting) and the
-# prompt templates (spec §6.2), so that those strings merge into few tokens.
+# prompt templates (docs/architecture.md §14), so that those strings merge into few tokens.
 _CORPUS_LINES = [
     "Question: What color is the shape? Answer: The shape is red.",
     "Question: What colour is the circle? Answer: The circle is blue.",
@@ -72,7 +72,7 @@ def _corpus() -> list[str]:
         lines.append(f"{colour.capitalize()} {shape}s: {num}. Is it {size}? Yes, it is {size}.")
     words = _COLOURS + _SHAPES + _PLACES + _SIZES + _NUMBERS
     lines.append(" ".join(words))
-    # Answers are tokenized on their own (no leading space, spec §6.4): teach the bare words too.
+    # Answers are tokenized on their own (no leading space, docs/architecture.md §15.2): teach the bare words too.
     lines.extend(words)
     return lines
 

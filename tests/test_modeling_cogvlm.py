@@ -33,7 +33,7 @@ def test_cogvlm2_state_dict_matches_official_weight_map():
     ours = dict(model.state_dict())
     assert len(official) == 1221
     assert set(ours) == official, (sorted(set(ours) - official)[:5], sorted(official - set(ours))[:5])
-    shapes = {  # spec §4.2
+    shapes = {  # docs/architecture.md §3
         "model.embed_tokens.weight": (128256, 4096),
         "lm_head.weight": (128256, 4096),
         "model.layers.0.self_attn.language_expert_query_key_value.weight": (6144, 4096),
@@ -65,9 +65,9 @@ def test_cogvlm2_state_dict_matches_official_weight_map():
 )
 def test_parameter_counts(config_name, billions, n_keys):
     model = _meta_model(config_name)
-    n = sum(p.numel() for p in model.parameters())  # inv_freq buffers are not parameters (spec §8)
+    n = sum(p.numel() for p in model.parameters())  # inv_freq buffers are not parameters (docs/architecture.md §3)
     assert abs(n / 1e9 - billions) < 1e-3, n
-    assert len(model.state_dict()) == n_keys  # spec §2.2 / §4.2 (inv_freq buffers included)
+    assert len(model.state_dict()) == n_keys  # docs/architecture.md §3 (inv_freq buffers included)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_golden_expert_mask():
 
 
 def test_golden_position_ids():
-    # BOS=0, boi=1, patches share 2, eoi=3, text 4, 5; padding does not advance (spec §1.3)
+    # BOS=0, boi=1, patches share 2, eoi=3, text 4, 5; padding does not advance (docs/architecture.md §8)
     assert build_position_ids(GOLD_TYPES, GOLD_MASK).tolist() == [[0, 1, 2, 2, 2, 3, 4, 5, 5, 5]]
     assert default_position_ids(GOLD_TYPES, GOLD_MASK).tolist() == [[0, 1, 2, 2, 2, 3, 4, 5, 5, 5]]
     # Left padding: official rule shifts the row by +1; default_position_ids removes the shift.
@@ -121,14 +121,14 @@ def test_attention_mask_shapes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Naive reference forward written from the spec (loops, dense experts + where, manual fp32 softmax)
+# Naive reference forward written from docs/architecture.md (loops, dense experts + where, manual fp32 softmax)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _ref_positions(types: list[int]) -> list[int]:
     n = len(types)
     t = list(types)
-    for i in range(n):  # boi / eoi re-typed LANGUAGE (spec §1.3)
+    for i in range(n):  # boi / eoi re-typed LANGUAGE (docs/architecture.md §8)
         if types[i] == 1 and (i == 0 or types[i - 1] != 1 or i == n - 1 or types[i + 1] != 1):
             t[i] = 0
     pos, cur = [0], 0
@@ -208,7 +208,7 @@ def _ref_forward(model: CogVLMForCausalLM, ids: list[int], types: list[int], ima
     def rms(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
 
-    def rope(x, inv_freq):  # x (n, hd): explicit half-split rotation per position (spec §3.4)
+    def rope(x, inv_freq):  # x (n, hd): explicit half-split rotation per position (docs/architecture.md §10.3)
         out = torch.empty_like(x)
         half = hd // 2
         for t in range(n):
@@ -269,7 +269,7 @@ def test_logits_match_naive_reference(tiny_model):
 
 
 def test_rope_ramp_in_inv_freq_dtype():
-    """Spec §7.2: in a bf16 model positions are rounded in bf16 (257 -> 256, 259 -> 260)."""
+    """docs/architecture.md §10.2: in a bf16 model positions are rounded in bf16 (257 -> 256, 259 -> 260)."""
     from finetune.modeling_cogvlm import RotaryEmbedding
 
     rot = RotaryEmbedding(8, 10000.0).to(torch.bfloat16)
@@ -556,7 +556,7 @@ def test_strict_loading_reports_missing_and_unexpected(tiny_checkpoints, tmp_pat
 
 
 def test_load_bf16(tiny_models, version, tmp_path):
-    # Official checkpoints are bf16, inv_freq included (spec §4.2); the buffer keeps the stored bf16 values (§7.1).
+    # Official checkpoints are bf16, inv_freq too; the buffer keeps the stored values (docs/architecture.md §10.1).
     copy.deepcopy(tiny_models[version]).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="200KB")
     model = CogVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -33,7 +33,7 @@ def enc(c: Conversation, version: int = 2, template: str = "chat", **kw):
     return encode_conversation(c, tok, family_version=version, image_tokens=SPAN, template_version=template, **kw)
 
 
-# --- templates (spec §6.2) ---------------------------------------------------------------------------------
+# --- templates (docs/architecture.md §14) -------------------------------------------------------------------
 
 HIST = [("What color?", "red"), ("Where?", "left")]
 
@@ -195,7 +195,7 @@ def test_bad_rows():
         enc(conv("<image><image>What?", "red"), allow_multi_image=True)
 
 
-# --- image transform (spec §6.1) -----------------------------------------------------------------------------
+# --- image transform (docs/architecture.md §13) -------------------------------------------------------------
 
 
 def test_solid_colour_image_normalises_per_channel(tmp_path):
