@@ -62,7 +62,6 @@ def test_plan_within_20_percent_of_a_measured_cpu_step(point):
     """Real AdamW steps of the kit's model + LoRA (nf4: bitsandbytes) on CPU: the profiler's allocation peak,
     plus the live weights/quant/optimizer state, against plan_memory(on_gpu=False) for the same recipe."""
     cal = _calibration()
-    torch.set_num_threads(1)
     (r,) = cal.calibrate([cal.SMALL[point]])
     assert 0.8 <= r.ratio <= 1.2, cal.table([r])
     # the step's own share (activations, logits, gradients) too, where a wrong activation term shows most
