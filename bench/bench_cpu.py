@@ -249,9 +249,10 @@ def formula_activations(model, config, batch: dict[str, Any], gradient_checkpoin
     cfg.train.per_device_train_batch_size, cfg.data.max_length = batch["input_ids"].shape
     cfg.train.gradient_checkpointing = gradient_checkpointing
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan = plan_memory(model.get_base_model(), cfg, lora, 0, "float32")
-    keep = ("activations: decoder", "activations: vision tower", "loss logits (labelled positions)")
-    return sum(g for name, g, _ in plan.rows if name in keep) * GIB
+    in_features = sum(m.in_features for n, m in model.get_base_model().named_modules()
+                      if hasattr(m, "lora_A") and hasattr(m, "in_features"))
+    plan = plan_memory(model.get_base_model(), cfg, lora, 0, "float32", lora_in_features=in_features, on_gpu=False)
+    return sum(g for name, g, _ in plan.rows if name.startswith(("activations", "loss logits"))) * GIB
 
 
 def bench_loss_only(model_gc, config, batch: dict[str, Any], runs: int) -> str:

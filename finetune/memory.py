@@ -3,8 +3,10 @@
 An analytic estimate from the module shapes (a meta-device model, no weights) and the recipe: weights at
 their stored precision (nf4/int8 for the quantized language-model linears), trainable parameters with
 gradients and optimizer state, activations kept for backward (per layer, or per layer input with gradient
-checkpointing), the loss logits, and a fixed CUDA/allocator overhead. It is an estimate: the formulas are
-below, and docs/benchmarks.md says how well they agree with measurements where a GPU was available.
+checkpointing, where backward's peak is the larger of the loss phase and one recomputed layer), the loss
+logits, and a fixed CUDA/allocator overhead. Calibrated against measured CPU training steps (fp32, real
+LoRA / nf4 QLoRA steps, `bench/calibrate_memory.py`, table in docs/benchmarks.md: within ±20% at every grid
+point, kept there by tests/test_memory.py); not yet checked on a GPU at full size.
 """
 
 from __future__ import annotations
@@ -71,32 +73,52 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
 
     b, seq = cfg.train.per_device_train_batch_size, cfg.data.max_length
     h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    gc = cfg.train.gradient_checkpointing
     tokens = b * seq
-    # One decoder layer's saved tensors per token (bf16): norm outputs, QKV, attention output, dense input,
+    # One decoder layer's saved tensors per token: norm outputs, QKV, attention output, dense input,
     # expert gather/scatter copies (~10 H), MLP gate/up/activation/product (4 I); SDPA keeps no L x L matrix.
     per_layer = tokens * (10 * h + 4 * i) * act
-    if cfg.train.gradient_checkpointing:
-        acts = n_layers * tokens * h * act + per_layer
-        basis = f"{n_layers} layer inputs + 1 layer recomputed, {b}x{seq} tokens"
+    # peft keeps each LoRA layer's dropped-out input for backward; upper bound: every token counted for every
+    # wrapped linear (an expert's LoRA sees only its own tokens). Measured: ~a third of the activations.
+    dropout = tokens * lora_in_features * act if cfg.lora.lora_dropout > 0 and lora_in_features else 0
+    answer = max(1, seq - c.image_tokens) * b  # label positions at most: the text part of each row
+    logits = answer * c.vocab_size * 4 * 3
+    logits_basis = f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"
+    if gc:
+        # Only the layer inputs stay between forward and backward. Backward first runs the loss (logits live),
+        # frees them, then recomputes one layer at a time: the peak is the larger of those two phases
+        # (calibrated on CPU, bench/calibrate_memory.py), not their sum.
+        rows.append(("activations: decoder", n_layers * tokens * h * act / GIB,
+                     f"{n_layers} layer inputs (checkpointing), {b}x{seq} tokens"))
+        layer = per_layer + dropout / n_layers + 2 * tokens * h * act  # + the gradients flowing in and out
+        if layer > logits:
+            rows.append(("activations: 1 layer recomputed", layer / GIB,
+                         f"(12H + 4I) + LoRA dropout inputs per token; the loss logits ({logits / GIB:.2f} GiB) "
+                         "are freed before it"))
+            rows.append(("loss logits (labelled positions)", 0.0, "freed before the larger recompute phase"))
+        else:
+            rows.append(("activations: 1 layer recomputed", 0.0,
+                         f"{layer / GIB:.2f} GiB, after the loss logits are freed (the larger phase)"))
+            rows.append(("loss logits (labelled positions)", logits / GIB, logits_basis))
     else:
-        acts = n_layers * per_layer
-        basis = f"{n_layers} layers x (10H + 4I) per token, {b}x{seq} tokens"
-    rows.append(("activations: decoder", acts / GIB, basis))
-    if cfg.lora.lora_dropout > 0 and lora_in_features:
-        # upper bound: every token counted for every wrapped linear (an expert's LoRA sees only its own tokens)
-        kept = tokens * lora_in_features * act / (n_layers if cfg.train.gradient_checkpointing else 1)
-        where = "one layer's worth (checkpointing)" if cfg.train.gradient_checkpointing else "every wrapped linear"
-        rows.append(("activations: LoRA dropout inputs", kept / GIB, where))
+        rows.append(("activations: decoder", n_layers * per_layer / GIB,
+                     f"{n_layers} layers x (10H + 4I) per token, {b}x{seq} tokens"))
+        if dropout:
+            rows.append(("activations: LoRA dropout inputs", dropout / GIB, "every wrapped linear (upper bound)"))
+        rows.append(("loss logits (labelled positions)", logits / GIB, logits_basis))
     vc = c.vision_config
     n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
     vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
-    vision_trains = any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets)
-    rows.append(("activations: vision tower", (vc["num_hidden_layers"] if vision_trains and not
-                                                 cfg.train.gradient_checkpointing else 1) * vision_layer / GIB,
-                 "all layers kept (LoRA in the tower)" if vision_trains else "frozen: one layer live at a time"))
-    answer = max(1, seq - c.image_tokens) * b  # label positions at most: the text part of each row
-    rows.append(("loss logits (labelled positions)", answer * c.vocab_size * 4 * 3 / GIB,
-                 f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"))
+    if any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
+        kept = (1 if gc else vc["num_hidden_layers"]) * vision_layer
+        rows.append(("activations: vision tower", kept / GIB,
+                     "one layer (checkpointing)" if gc else "all layers kept (LoRA in the tower)"))
+    else:
+        # A frozen tower saves nothing for backward: one layer is live during the forward, before any decoder
+        # activation exists, so it only counts where it exceeds the decoder phase.
+        decoder = sum(g for name, g, _ in rows if name.startswith(("activations", "loss"))) * GIB
+        rows.append(("activations: vision tower", max(0.0, vision_layer - decoder) / GIB,
+                     f"frozen: one layer live ({vision_layer / GIB:.2f} GiB) before the decoder runs"))
     if on_gpu:
         rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
     return MemoryPlan(rows, "per GPU" if on_gpu else "CPU RAM")

@@ -42,3 +42,27 @@ def test_knobs_move_the_estimate_the_right_way(cogvlm2):
     assert _plan(cogvlm2, "train.per_device_train_batch_size=4").total_gib > base
     assert _plan(cogvlm2, "lora.r=64").total_gib > base
     assert _plan(cogvlm2, "train.optim=paged_adamw_8bit").total_gib < base
+
+
+def _calibration():
+    import importlib.util
+    import sys
+
+    if "calibrate_memory" in sys.modules:
+        return sys.modules["calibrate_memory"]
+    spec = importlib.util.spec_from_file_location("calibrate_memory", ROOT / "bench" / "calibrate_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["calibrate_memory"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("point", range(3), ids=["lora-gc", "lora-no-gc", "qlora-nf4-gc"])
+def test_plan_within_20_percent_of_a_measured_cpu_step(point):
+    """Real AdamW steps of the kit's model + LoRA (nf4: bitsandbytes) on CPU: the profiler's allocation peak,
+    plus the live weights/quant/optimizer state, against plan_memory(on_gpu=False) for the same recipe."""
+    cal = _calibration()
+    (r,) = cal.calibrate([cal.SMALL[point]])
+    assert 0.8 <= r.ratio <= 1.2, cal.table([r])
+    # the step's own share (activations, logits, gradients) too, where a wrong activation term shows most
+    assert 0.8 <= r.step_ratio <= 1.2, cal.table([r])
