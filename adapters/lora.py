@@ -51,10 +51,10 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
     modules, params = extra_params.split_modules_to_save(lora.modules_to_save)
     log(parameter_table(model, matched, lora.r, resolve_modules_to_save(modules) + params))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+        # Casts and freezing only: peft would enable checkpointing under transformers' deprecated name, so the
+        # kit does that itself below, as for an unquantized model.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -71,7 +71,6 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
 
 
 def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
-    import warnings
 
     import torch
     from transformers import TrainingArguments
@@ -139,9 +138,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         f"template '{template}'")
 
     # ---- Adapters (match report and parameter table go to plan.txt) ----
-    with warnings.catch_warnings():  # peft's k-bit preparation still calls the deprecated name
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(real_numel(p) for p in model.parameters())
     if is_main:
