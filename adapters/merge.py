@@ -490,6 +490,14 @@ def _folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def _empty_and_old(folder: Path, age_s: float = 60.0) -> bool:
+    """An empty folder untouched for `age_s` (a merge that is starting right now marks its folder at once)."""
+    try:
+        return not any(folder.iterdir()) and time.time() - folder.stat().st_mtime > age_s
+    except OSError:
+        return False
+
+
 def clean_stale(folders: list[Path], log: Callable[[str], None] = print) -> list[Path]:
     """Remove kit-made temporary folders whose process is gone; report hidden look-alikes without a marker.
 
@@ -504,6 +512,11 @@ def clean_stale(folders: list[Path], log: Callable[[str], None] = print) -> list
             info = json.loads(marker.read_text())
             pid, host, kind = int(info["pid"]), str(info["host"]), str(info["kind"])
         except (OSError, ValueError, KeyError, TypeError):
+            if _empty_and_old(folder):  # killed between creating and marking it: nothing inside to lose
+                folder.rmdir()
+                removed.append(folder)
+                log(f"removed {folder} (empty), left by a merge killed while it started")
+                continue
             log(f"note: {folder} looks like an interrupted merge's temporary folder but carries no cogtune "
                 "marker; left alone (delete it yourself if it is not in use)")
             continue
@@ -529,7 +542,8 @@ def stale_candidates(parent: Path) -> list[Path]:
     if parent.is_dir():
         found += [p for p in sorted(parent.iterdir()) if p.is_dir() and _STAGING_NAME.fullmatch(p.name)]
     tmp = Path(tempfile.gettempdir())
-    found += [p for p in sorted(tmp.glob(WORKDIR_PREFIX + "*")) if p.is_dir() and (p / STAGING_MARKER).is_file()]
+    found += [p for p in sorted(tmp.glob(WORKDIR_PREFIX + "*"))
+              if p.is_dir() and ((p / STAGING_MARKER).is_file() or _empty_and_old(p))]
     return found
 
 

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import os
+import re
 import secrets
 import threading
 import urllib.parse
@@ -109,6 +110,40 @@ def split_jsonl(text: str) -> list[str]:
     return lines
 
 
+def read_jsonl_lines(path: str | Path) -> tuple[list[str] | None, list[Problem]]:
+    """(lines, problems) of a JSONL file, each line decoded on its own.
+
+    Split on b"\n" only, like `split_jsonl`; a line that is not UTF-8 becomes "" (blank, so skipped) plus one
+    `file:line` problem, so one bad line costs one row, never the file. None when the file cannot be read.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, [Problem(str(path), "file", "not found", "check the path", "error", "missing file")]
+    except IsADirectoryError:
+        return None, [Problem(str(path), "file", "is a folder", "pass the JSONL file (cogtune convert makes one)",
+                              "error", "missing file")]
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw_lines = data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    lines: list[str] = []
+    problems: list[Problem] = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            lines.append("")
+            problems.append(Problem(f"{path}:{lineno}", "line", f"not UTF-8 text ({exc.reason} at byte {exc.start} "
+                                    "of the line)", "save the file as UTF-8", "error", "bad encoding"))
+    return lines, problems
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def loads_row(line: str) -> tuple[Any, str | None]:
     """(object, None) or (None, why): one JSON line, never raising for bad input.
 
@@ -116,7 +151,13 @@ def loads_row(line: str) -> tuple[Any, str | None]:
     and integers with too many digits, so one hostile row is one problem, not a crash.
     """
     try:
-        return json.loads(line), None
+        obj = json.loads(line)
+        # A lone surrogate can only come from a `\\uD800`-`\\uDFFF` escape; Python keeps it, tokenizers refuse it.
+        if _SURROGATE_ESCAPE.search(line):
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj, None
+    except UnicodeEncodeError:
+        return None, "not usable text (a lone surrogate escape such as \\ud800, which no tokenizer can encode)"
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
     except RecursionError:
@@ -623,17 +664,13 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None, *, max_im
                check_images: bool = False, require_answer: bool = True,
                allow_outside_images: bool = False) -> tuple[list[Conversation], list[Problem]]:
     """Read a canonical JSONL file: the valid rows, and every problem (images checked for existence only)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return [], [Problem(str(path), "file", "not found", "check the path", "error", "missing file")]
-    except UnicodeDecodeError as exc:
-        return [], [Problem(str(path), "file", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            "save the file as UTF-8", "error", "bad encoding")]
-    return validate_rows(split_jsonl(text), path=path, image_root=image_root, max_images=max_images,
-                         check_images=check_images, require_answer=require_answer,
-                         allow_outside_images=allow_outside_images)
+    lines, bad_lines = read_jsonl_lines(path)
+    if lines is None:
+        return [], bad_lines
+    convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
+                                    check_images=check_images, require_answer=require_answer,
+                                    allow_outside_images=allow_outside_images)
+    return convs, bad_lines + problems
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -675,4 +712,4 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 __all__ = ["Conversation", "IMAGE_MARKER", "BOX_MARKER", "ImageError", "ImagePathError", "Message", "Problem",
            "image_size", "load_image", "loads_row", "outside_roots", "parse_row", "read_jsonl", "resolve_image_ref",
-           "split_jsonl", "validate_rows", "write_jsonl"]
+           "read_jsonl_lines", "split_jsonl", "validate_rows", "write_jsonl"]

@@ -13,7 +13,6 @@ Training calls `load_and_validate`, which applies the same checks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_formats.schema import Conversation, Problem, loads_row, split_jsonl, validate_rows
+from data_formats.schema import Conversation, Problem, loads_row, read_jsonl_lines, validate_rows
 
 
 class DataValidationError(ValueError):
@@ -59,19 +58,6 @@ class ValidationReport:
 
     def __bool__(self) -> bool:
         return bool(self.problems)
-
-
-def _read_text(path: Path) -> tuple[str | None, Problem | None]:
-    try:
-        return path.read_text(encoding="utf-8"), None
-    except FileNotFoundError:
-        return None, Problem(str(path), "file", "not found", "check the path", "error", "missing file")
-    except IsADirectoryError:
-        return None, Problem(str(path), "file", "is a folder", "pass the JSONL file (cogtune convert makes one)",
-                             "error", "missing file")
-    except UnicodeDecodeError as exc:
-        return None, Problem(str(path), "file", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                             "save the file as UTF-8", "error", "bad encoding")
 
 
 def _layout(rows: list) -> tuple[str, str | None]:
@@ -142,16 +128,16 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
     root (`image_root`, default the file's folder) unless `allow_outside_images`.
     """
     path = Path(path)
-    text, problem = _read_text(path)
-    if text is None:
-        return [], ValidationReport(str(path), 0, 0, [problem])
-    sniffed = sniff_whole_file(text, path)
+    lines, bad_lines = read_jsonl_lines(path)
+    if lines is None:
+        return [], ValidationReport(str(path), 0, 0, bad_lines)
+    sniffed = sniff_whole_file("\n".join(lines), path)
     if sniffed is not None:
         return [], ValidationReport(str(path), sniffed[1], 0, [sniffed[0]])
-    lines = split_jsonl(text)
     convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
                                     check_images=check_images, allow_outside_images=allow_outside_images)
-    rows = sum(1 for line in lines if line.strip())
+    problems = bad_lines + problems
+    rows = sum(1 for line in lines if line.strip()) + len(bad_lines)
     foreign = [p for p in problems if p.kind == "foreign format"]
     if rows > 1 and not convs and len(foreign) == rows == len(problems):  # a whole file in another layout: say it once
         sample = [obj for obj, why in (loads_row(line) for line in lines[:200] if line.strip()) if why is None]
@@ -239,15 +225,13 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     """Checkpoint folder or family name -> ModelInfo; ValueError with the fix when neither."""
     folder = Path(model)
     if folder.is_dir():
-        cfg_path = folder / "config.json"
-        if not cfg_path.is_file():
-            raise ValueError(f"--model {model}: folder has no config.json; pass a checkpoint folder or a family name")
         from finetune.configuration_cogvlm import CogVLMConfig
+        from finetune.loading import read_checkpoint_config
 
-        try:
-            cfg = CogVLMConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise ValueError(f"--model {model}: cannot read config.json ({exc})") from None
+        try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
+            cfg = CogVLMConfig(**read_checkpoint_config(folder))
+        except (OSError, TypeError, ValueError) as exc:
+            raise ValueError(f"--model {model}: {exc}") from None
         info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
         from finetune.tokenization import load_tokenizer
 
