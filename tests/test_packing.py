@@ -121,3 +121,12 @@ def test_packed_attention_costs_sum_of_segment_squares(rows, tiny_models):
     assert attention == per_square * sum(n * n for n in lengths) + vis
     b, width = packed["input_ids"].shape
     assert attention < per_square * b * width**2 + vis  # what the block-diagonal mask cost
+
+
+def test_segment_runs():
+    """Maximal runs of one segment id, padding marked; plain 0/1 masks and bool masks are not packed."""
+    assert segment_runs(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 2, 3, 3]])) == [
+        [(0, 2, True), (2, 5, True), (5, 6, False)], [(0, 3, True), (3, 4, True), (4, 6, True)]]
+    assert segment_runs(torch.tensor([[1, 1, 0]])) is None
+    assert segment_runs(torch.ones(1, 3, dtype=torch.bool)) is None
+    assert segment_runs(None) is None
