@@ -4,11 +4,12 @@ Written from a description of the official behaviour (docs/architecture.md, cite
 official remote code. Module attribute names equal the official checkpoint keys, so official folders load
 strictly without renaming. Differences from the official code are performance/robustness only:
 
-* SDPA everywhere (decoder and vision tower); padded or packed batches use a boolean mask built once per
-  forward instead of the official fp32 eager path (equivalent up to bf16 noise, §9.4).
+* SDPA everywhere (decoder and vision tower); padded batches (packed ones only with a KV cache) use a boolean
+  mask built once per forward instead of the official fp32 eager path (equivalent up to bf16 noise, §9.4).
 * Expert routing gathers each expert's tokens once per forward (indices shared by all layers) instead of
   re-deriving boolean masks six times per layer (§7).
-* transformers 5.x `Cache` objects, gradient checkpointing, packed sequences (segment-id attention masks).
+* transformers 5.x `Cache` objects, gradient checkpointing, packed sequences (segment-id attention masks) whose
+  attention runs per segment, so a packed row costs the sum of its segments' squares (`segment_runs`).
 * Padding is respected in generation, and left padding does not shift positions (see `default_position_ids`).
 """
 
@@ -195,6 +196,7 @@ class VisionExpertAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         is_causal: bool,
         cache: Cache | None = None,
+        segments: list[list[tuple[int, int, bool]]] | None = None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape  # (B, L, H)
         qkv = routing.apply(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value)
@@ -212,8 +214,11 @@ class VisionExpertAttention(nn.Module):
             t = k.shape[2]
             k = k[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
             v = v[:, :, None].expand(b, self.num_kv_heads, rep, t, self.head_dim).reshape(b, self.num_heads, t, -1)
-        mask = attn_mask.to(q.device) if attn_mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, L, hd)
+        if segments is not None:
+            out = segment_attention(q, k, v, segments)  # (B, nh, L, hd)
+        else:
+            mask = attn_mask.to(q.device) if attn_mask is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, L, hd)
         out = out.transpose(1, 2).reshape(b, n, q_dim)  # (B, L, H)
         return routing.apply(out, self.language_expert_dense, self.vision_expert_dense)
 
@@ -237,9 +242,12 @@ class CogVLMDecoderLayer(GradientCheckpointingLayer):
         attn_mask: torch.Tensor | None,
         is_causal: bool,
         cache: Cache | None = None,
+        segments: list[list[tuple[int, int, bool]]] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states  # (B, L, H)
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), routing, rope, attn_mask, is_causal, cache)
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), routing, rope, attn_mask, is_causal, cache, segments
+        )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), routing)
 
@@ -431,6 +439,48 @@ def build_attention_mask(
     return allowed[:, None], False  # (B, 1, L, T)
 
 
+def segment_runs(attention_mask: torch.Tensor | None) -> list[list[tuple[int, int, bool]]] | None:
+    """Per row, the maximal runs of one segment id as (start, end, real); None unless the mask is packed.
+
+    `real` is False for padding (id 0). Runs cover the whole row in order. Derived from the segment ids the
+    collator writes (CONTRACTS.md), with one host sync per forward; every layer reuses the result.
+    """
+    if not is_packed(attention_mask):
+        return None
+    runs: list[list[tuple[int, int, bool]]] = []
+    for row in attention_mask.tolist():
+        cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
+        runs.append([(a, e, row[a] != 0) for a, e in zip(cuts[:-1], cuts[1:])])
+    return runs
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[list[tuple[int, int, bool]]]
+) -> torch.Tensor:
+    """Causal attention inside each packed segment; q, k, v (B, nh, L, hd) -> (B, nh, L, hd).
+
+    One causal SDPA call per segment, so a packed row costs the sum of its segments' squares instead of
+    the L x L of a block-diagonal mask. A padding run attends only to itself (its output is its own value,
+    as under the mask it replaces; never used, but finite so gradients stay finite).
+
+    Chosen by measurement on CPU (docs/benchmarks.md, "Packing that computes only the blocks"): FlexAttention
+    has no CPU backward (and compiling it needs a C++ toolchain), nested-tensor SDPA refuses is_causal, and
+    torch's varlen_attn is a CUDA flash kernel. On a GPU the same segments map one-to-one onto
+    cu_seqlens for flash-attn's `flash_attn_varlen_func` / torch's `varlen_attn`, or a compiled FlexAttention
+    block mask, which would also remove this loop's per-segment kernel launches.
+    """
+    rows = []
+    for r, runs in enumerate(segments):
+        pieces = [
+            F.scaled_dot_product_attention(q[r : r + 1, :, a:e], k[r : r + 1, :, a:e], v[r : r + 1, :, a:e],
+                                           is_causal=True)
+            if real else v[r : r + 1, :, a:e]
+            for a, e, real in runs
+        ]
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,12 +609,18 @@ class CogVLMModel(CogVLMPreTrainedModel):
         routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
-        attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
+        # Packed rows at prefill/training attend per segment (no L x L mask); with a cache, the mask path.
+        segments = segment_runs(attention_mask) if past_len == 0 else None
+        if segments is not None:
+            attn_mask, is_causal = None, False
+        else:
+            attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
 
         hidden_states = inputs_embeds  # (B, L, H)
         for layer in self.layers:
             hidden_states = layer(
-                hidden_states, routing=routing, rope=rope, attn_mask=attn_mask, is_causal=is_causal, cache=cache
+                hidden_states, routing=routing, rope=rope, attn_mask=attn_mask, is_causal=is_causal, cache=cache,
+                segments=segments,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
