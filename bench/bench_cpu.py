@@ -311,7 +311,7 @@ def bench_packing(model_gc, config, rows_data: list[Any], setup: Setup) -> str:
              f"time = one epoch (all micro-steps, fwd+bwd), median of {setup.pack_runs}; tokens/s counts real "
              "(non-pad) tokens only; peak memory = the micro-step with the most positions",
              "packing concatenates the micro-step's rows into as few max_length rows as fit, with a block-diagonal "
-             "(per-row) attention mask; SDPA still computes each packed row's full L x L scores"]
+             "(per-row) segment ids; attention runs per segment (the sum of the segments' squares, not L x L)"]
     return table("2. Packing vs padding",
                  ["variant", "micro-batches", "positions computed", "pad fraction", "epoch time (median)",
                   "real tokens/s", "speed vs fixed", "peak step memory"], out, notes)
