@@ -548,3 +548,57 @@ def test_llava_converter_keeps_boxes(tmp_path, capsys):
     assert written["messages"][1]["content"] == "Here <box>."
     convs, problems = read_jsonl(out)
     assert problems == [] and convs[0].messages[1].content == "Here [[100,100,500,500]]."
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by bench/fault_sweep.py: one bad line costs one row, never the file or the run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_non_utf8_line_is_one_bad_row_that_skip_invalid_skips(tmp_path):
+    from dataclasses import replace
+
+    from finetune.config import RunConfig
+    from finetune.train_utils import build_datasets
+
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"id": "ok0", "messages": TEXT}).encode()
+    bad = json.dumps({"id": "bad", "messages": TEXT}).encode().replace(b"hello", b"hel\xfflo")
+    path.write_bytes(good + b"\n" + bad + b"\n" + good.replace(b"ok0", b"ok1") + b"\n")
+    convs, problems = read_jsonl(path)
+    assert [c.id for c in convs] == ["ok0", "ok1"]
+    assert [p.source for p in problems] == [f"{path}:2"] and "not UTF-8" in problems[0].message
+    convs, report = check_file(path)
+    assert report.rows == 3 and [str(p).split(": ")[0] for p in report.errors] == [f"{path}:2"]
+    with pytest.raises(DataValidationError, match=r"mixed.jsonl:2"):
+        load_and_validate(path)
+    cfg = RunConfig()
+    cfg = replace(cfg, data=replace(cfg.data, train_path=str(path), skip_invalid=True, max_length=256, num_workers=0))
+    train, *_ = build_datasets(cfg, build_tiny_tokenizer(2), tiny_config(2), "chat", log=lambda _: None)
+    assert sorted(train[i]["id"] for i in range(len(train))) == ["ok0", "ok1"]
+
+
+def test_a_lone_surrogate_escape_is_a_row_error_not_a_tokenizer_crash(tmp_path, capsys):
+    path = tmp_path / "s.jsonl"
+    lone = '{"id": "s", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud800"}]}'
+    pair = lone.replace('"s"', '"p"').replace("\\ud800", "\\ud83d\\ude00")  # a valid pair: an emoji
+    path.write_text(lone + "\n" + pair + "\n", encoding="utf-8")
+    assert schema.loads_row(lone)[0] is None and "surrogate" in schema.loads_row(lone)[1]
+    assert schema.loads_row(pair)[0]["messages"][1]["content"] == "\U0001F600"
+    convs, report = check_file(path)
+    assert [c.id for c in convs] == ["p"] and [p.source for p in report.errors] == [f"{path}:1"]
+    tiny = tmp_path / "tiny"
+    from finetune.tiny import main as make_tiny
+
+    make_tiny(["--family", "cogvlm2", "--out", str(tiny)])
+    code, out, _ = _validate(capsys, str(path), "--model", str(tiny))
+    assert code == 1 and f"{path}:1" in out
+
+
+def test_validate_refuses_a_model_folder_that_is_not_cogvlm(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "vocab_size": 10}))
+    data = _jsonl(tmp_path / "d.jsonl", [{"id": "a", "messages": TEXT}])
+    code, out, err = _validate(capsys, str(data), "--model", str(folder))
+    assert code != 0 and "gpt2" in out + err and "not a CogVLM" in out + err

@@ -351,3 +351,25 @@ def test_merged_output_follows_umask(runs, tmp_path, in_process_verify):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+def test_an_empty_unmarked_staging_folder_from_a_kill_at_start_is_cleaned(runs, tmp_path, in_process_verify,
+                                                                          monkeypatch):
+    """A merge killed between creating its staging folder and marking it leaves an empty, unmarked folder: the
+    next merge removes it once it is older than a starting merge could be; a young one is left alone."""
+    import os
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    old_stage, young_stage = tmp_path / ".merged.partial-k1ll3d", tmp_path / ".merged.partial-st4rt1"
+    old_work = tmp_path / "tmp" / "cogtune-merge-k1ll3d"
+    for folder in (old_stage, young_stage, old_work):
+        folder.mkdir()
+    for folder in (old_stage, old_work):
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))
+    logs: list[str] = []
+    merge_adapter(runs[1], tmp_path / "merged", log=logs.append)
+    assert not old_stage.exists() and not old_work.exists() and young_stage.is_dir()
+    assert f"removed {old_stage} (empty)" in "\n".join(logs)
