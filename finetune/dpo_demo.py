@@ -45,7 +45,7 @@ def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int) 
 
 
 def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48, sft_steps: int = 10,
-              dpo_steps: int = 30, quant: str = "none", seed: int = 0, log=print) -> dict:
+              dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print) -> dict:
     """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json."""
     from .config import load_recipe
     from .recipe import train
@@ -66,7 +66,7 @@ def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48
     train(sft, log=log)
     dpo = load_recipe(recipe, common + ["model.family=null", f"data.train_path={data['train']}",
                                         f"data.eval_path={data['eval']}", f"train.max_steps={dpo_steps}",
-                                        "train.learning_rate=5e-3", "train.per_device_train_batch_size=8",
+                                        f"train.learning_rate={dpo_lr}", "train.per_device_train_batch_size=8",
                                         "train.logging_steps=1", "train.lr_scheduler_type=constant",
                                         f"dpo.start_adapter={out / 'sft' / 'adapter'}", f"output.dir={out / 'dpo'}"])
     train(dpo, log=log)
