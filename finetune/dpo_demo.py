@@ -19,8 +19,13 @@ from pathlib import Path
 from .demo import COLOURS, QUESTIONS, render
 
 
-def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int) -> dict[str, Path]:
-    """sft.jsonl (random answers), train.jsonl and eval.jsonl (preference rows), images beside them."""
+def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int,
+                image_rule: bool = True) -> dict[str, Path]:
+    """sft.jsonl (random answers), train.jsonl and eval.jsonl (preference rows), images beside them.
+
+    `image_rule`: chosen = the picture's colour, rejected = another one (needs the image). Otherwise an
+    easier rule for quick tests: chosen is one of the first three colour names, rejected one of the others.
+    """
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
@@ -36,9 +41,12 @@ def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int) 
                 rows.append({"id": f"{split}-{i}", "images": [image],
                              "messages": prompt + [{"role": "assistant", "content": rng.choice(names)}]})
             else:
-                wrong = rng.choice([c for c in names if c != colour])
+                if image_rule:
+                    good, bad = colour, rng.choice([c for c in names if c != colour])
+                else:
+                    good, bad = rng.choice(names[:3]), rng.choice(names[3:])
                 rows.append({"id": f"{split}-{i}", "images": [image], "messages": prompt,
-                             "chosen": colour, "rejected": wrong})
+                             "chosen": good, "rejected": bad})
         paths[split] = folder / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
