@@ -80,7 +80,8 @@ def test_trainer_loss_matches_hand_computed_dpo_loss(version, tmp_path, precompu
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
                      learning_rate=1e-9, logging_steps=1, remove_unused_columns=False, use_cpu=True,
                      report_to="none", gradient_checkpointing=False, max_length=None, save_strategy="no",
-                     beta=beta, precompute_ref_log_probs=precompute, bf16=False, disable_tqdm=True, lr_scheduler_type="constant")
+                     beta=beta, precompute_ref_log_probs=precompute, bf16=False, disable_tqdm=True,
+                     lr_scheduler_type="constant")
     # The adapter starts as a non-zero "trained" one, so policy and reference differ. TRL copies it into its
     # frozen "ref" adapter at construction; to score against the base we zero that copy.
     g = torch.Generator().manual_seed(1)
