@@ -1,6 +1,6 @@
 """Recipes: YAML that maps 1:1 onto typed dataclasses, strictly (docs/conventions.md §1).
 
-A recipe is `RunConfig{model, data, lora, quant, train, eval, output}`. Loading walks the YAML and
+A recipe is `RunConfig{model, data, lora, quant, train, eval, dpo, output}`. Loading walks the YAML and
 the dataclasses together: an unknown key is an error naming its dotted path and the nearest valid
 key; a wrong type is an error naming the expected type. Every problem is collected before raising.
 `key=value` overrides use the same dotted names and go through the same checks. Defaults live only
@@ -102,6 +102,21 @@ class TrainSection:
     skip_nonfinite: bool = _f(True, "skip (and count) micro-batches whose loss is NaN/inf instead of stepping")
     max_nonfinite_steps: int = _f(10, "stop with an error once this many micro-batches in a row had a NaN/inf loss "
                                   "(the run diverged); no adapter is saved")
+    method: Literal["sft", "dpo"] = _f("sft", "sft = supervised (data rows end with the answer); dpo = preference "
+                                     "tuning through TRL (rows carry chosen/rejected, settings in the dpo section)")
+
+
+@dataclass
+class DpoSection:
+    beta: float = _f(0.1, "strength of the pull towards the reference (TRL's beta); higher = stay closer")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = _f(
+        "sigmoid", "TRL's preference loss: sigmoid = DPO, ipo, hinge (SLiC), robust, apo_zero, ...")
+    label_smoothing: float = _f(0.0, "conservative DPO / robust: assumed share of flipped labels (TRL's name)")
+    precompute_ref_log_probs: bool = _f(False, "score every pair with the reference once before training (one "
+                                        "forward per step fewer; the reference is frozen anyway)")
+    start_adapter: str | None = _f(None, "adapter folder (e.g. an SFT run's adapter/) to continue; it is also the "
+                                   "reference. None = a new adapter on the base, the base is the reference")
 
 
 @dataclass
@@ -126,6 +141,7 @@ class RunConfig:
     quant: QuantSection = field(default_factory=QuantSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
     output: OutputSection = field(default_factory=OutputSection)
 
 
@@ -525,6 +541,12 @@ def _check_values(cfg: RunConfig, where: _Where | str) -> list[str]:
         bad("eval.max_new_tokens", "must be >= 1")
     if e.log_predictions < 0:
         bad("eval.log_predictions", "must be >= 0")
+    if not (math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0):
+        bad("dpo.beta", "must be a finite number > 0, e.g. 0.1")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        bad("dpo.label_smoothing", "must be in [0, 0.5) (0 = plain DPO)")
+    if cfg.dpo.start_adapter is not None and not Path(cfg.dpo.start_adapter).is_dir():
+        bad("dpo.start_adapter", "no such adapter folder; give an SFT run's adapter/ folder, or null")
     if not o.dir:
         p.append(f"{where('output.dir')}: 'output.dir' is empty; give the run folder, e.g. output.dir=out/my-run")
     return p

@@ -61,6 +61,10 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         write_atomic(out / "recipe.resolved.yaml", to_yaml(cfg))
         write_run_json(out, run_info)
     try:
+        if cfg.train.method == "dpo":  # preference tuning through TRL (finetune/dpo.py)
+            from .dpo import train_dpo
+
+            return train_dpo(cfg, out, resume, run_info, is_main, log, callbacks)
         return _train(cfg, out, resume, run_info, is_main, world, log, callbacks)
     except BaseException as err:
         if is_main:
