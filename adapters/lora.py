@@ -6,6 +6,7 @@ only translates names and prints what was matched, so a run never trains modules
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from . import extra_params
@@ -60,6 +61,9 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads `model.is_gradient_checkpointing`, a property transformers 5.x renamed; not the kit's call.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, config)
     extra_params.enable(model, params)  # boi/eoi: bare parameters, trained directly (see extra_params.py)
     return model
