@@ -26,7 +26,8 @@ from data_formats.common import Record, map_records, skip
 from data_formats.schema import (
     Conversation,
     Problem,
-    loads_row,
+    note_duplicate_id,
+    parse_lines,
     parse_row,
     resolve_image_ref,
     split_jsonl,
@@ -102,28 +103,16 @@ def validate_pairs(lines: Iterable[str], *, path: str | Path, image_root: str | 
     path = Path(path)
     base_dir = Path(image_root) if image_root is not None else path.parent
     pairs: list[PreferencePair] = []
-    problems: list[Problem] = []
     seen: dict[str, str] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{lineno}"
-        obj, why = loads_row(line)
-        if why is not None:
-            problems.append(Problem(source, "line", why, "each line must be one complete JSON object", "error",
-                                    "bad json"))
-            continue
+    parsed, problems = parse_lines(lines, path)
+    for lineno, source, obj in parsed:
         pair, row_problems = parse_pair(obj, source, base_dir, default_id=f"{path.stem}-{lineno}",
                                         max_images=max_images, check_images=check_images,
                                         allow_outside_images=allow_outside_images)
         problems.extend(row_problems)
         if pair is None:
             continue
-        if pair.id in seen:
-            problems.append(Problem(source, "id", f"duplicate id {pair.id!r} (first at {seen[pair.id]})",
-                                    "ids should be unique", "warning", "duplicate id"))
-        else:
-            seen[pair.id] = source
+        note_duplicate_id(pair.id, source, seen, problems)
         pairs.append(pair)
     return pairs, problems
 

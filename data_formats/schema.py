@@ -612,6 +612,34 @@ def _decode_candidates(objs: Iterable[Any], base_dir: Path, allow_outside_images
                     yield resolved
 
 
+def parse_lines(lines: Iterable[str], path: str | Path) -> tuple[list[tuple[int, str, Any]], list[Problem]]:
+    """([(line number, "file:line", object)], problems) of JSONL lines: blank lines skipped, each bad line one
+    problem. Shared by the SFT and preference validators."""
+    parsed: list[tuple[int, str, Any]] = []
+    problems: list[Problem] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{lineno}"
+        obj, why = loads_row(line)
+        if why is None:
+            parsed.append((lineno, source, obj))
+        else:
+            problems.append(Problem(source, "line", why, "each line must be one complete JSON object", "error",
+                                    "bad json"))
+    return parsed, problems
+
+
+def note_duplicate_id(row_id: str, source: str, seen: dict[str, str], problems: list[Problem]) -> None:
+    """Record `row_id` as seen at `source`, or add a warning naming where it was first seen."""
+    if row_id in seen:
+        problems.append(Problem(source, "id", f"duplicate id {row_id!r} (first at {seen[row_id]})",
+                                "ids should be unique so that predictions can be matched", "warning",
+                                "duplicate id"))
+    else:
+        seen[row_id] = source
+
+
 def validate_rows(lines: Iterable[str], *, path: str | Path, image_root: str | Path | None = None,
                   max_images: int | None = 1, check_images: bool = True, require_answer: bool = True,
                   allow_outside_images: bool = False) -> tuple[list[Conversation], list[Problem]]:
@@ -626,19 +654,8 @@ def validate_rows(lines: Iterable[str], *, path: str | Path, image_root: str | P
     path = Path(path)
     base_dir = Path(image_root) if image_root is not None else path.parent
     conversations: list[Conversation] = []
-    problems: list[Problem] = []
     seen: dict[str, str] = {}
-    parsed: list[tuple[int, str, Any]] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{lineno}"
-        obj, why = loads_row(line)
-        if why is not None:
-            problems.append(Problem(source, "line", why, "each line must be one complete JSON object", "error",
-                                    "bad json"))
-            continue
-        parsed.append((lineno, source, obj))
+    parsed, problems = parse_lines(lines, path)
     checked: bool | dict[str, str | None] = check_images
     if check_images:  # decode every distinct image once, in parallel, before the row checks read the results
         checked = check_images_parallel(_decode_candidates((obj for _, _, obj in parsed), base_dir,
@@ -650,12 +667,7 @@ def validate_rows(lines: Iterable[str], *, path: str | Path, image_root: str | P
         problems.extend(row_problems)
         if conv is None:
             continue
-        if conv.id in seen:
-            problems.append(Problem(source, "id", f"duplicate id {conv.id!r} (first at {seen[conv.id]})",
-                                    "ids should be unique so that predictions can be matched", "warning",
-                                    "duplicate id"))
-        else:
-            seen[conv.id] = source
+        note_duplicate_id(conv.id, source, seen, problems)
         conversations.append(conv)
     return conversations, problems
 
@@ -712,4 +724,4 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 __all__ = ["Conversation", "IMAGE_MARKER", "BOX_MARKER", "ImageError", "ImagePathError", "Message", "Problem",
            "image_size", "load_image", "loads_row", "outside_roots", "parse_row", "read_jsonl", "resolve_image_ref",
-           "read_jsonl_lines", "split_jsonl", "validate_rows", "write_jsonl"]
+           "note_duplicate_id", "parse_lines", "read_jsonl_lines", "split_jsonl", "validate_rows", "write_jsonl"]

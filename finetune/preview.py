@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from data_formats.boxes import BOX_FORMATS, Box, check_box, format_boxes, parse_boxes, to_cog
-from data_formats.schema import BOX_MARKER, IMAGE_MARKER, Conversation, Problem, parse_row, resolve_image_ref
+from data_formats.schema import (
+    BOX_MARKER,
+    IMAGE_MARKER,
+    Conversation,
+    Problem,
+    note_duplicate_id,
+    parse_row,
+    resolve_image_ref,
+)
 
 from .html_page import PALETTE, Card, ImageTable, Shape, Thumb, esc, figure, mark_boxes, phrase_before, render_page
 
@@ -266,12 +274,7 @@ def read_rows(path: Path, opts: Options, info: Any = None,
             conv, problems = parse_row(obj, source, base_dir, default_id=f"{path.stem}-{lineno}",
                                        max_images=opts.max_images, check_images=False, require_answer=True)
             if conv is not None:
-                if conv.id in seen:
-                    problems.append(Problem(source, "id", f"duplicate id {conv.id!r} (first at {seen[conv.id]})",
-                                            "ids should be unique so that predictions can be matched", "warning",
-                                            "duplicate id"))
-                else:
-                    seen[conv.id] = source
+                note_duplicate_id(conv.id, source, seen, problems)
             view = RowView(source, lineno, obj, conv, problems)
             size = _first_image_size(obj, base_dir) if isinstance(obj, dict) else None
             if isinstance(obj, dict):
