@@ -45,6 +45,18 @@ except ImportError:  # pragma: no cover - trl is in the dev environment
     _DPOTrainer = object
 
 
+
+def _checkpointing_flag() -> str:
+    """The TrainingArguments field for the Trainer's checkpointing switch: `activation_checkpointing` on
+    transformers releases that renamed it, `gradient_checkpointing` before."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def pair_conversations(pair: PreferencePair) -> tuple[Conversation, Conversation]:
     """(prompt + chosen, prompt + rejected) as two ordinary conversations."""
     p = pair.prompt
@@ -279,8 +291,10 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
         lr_scheduler_type=cfg.train.lr_scheduler_type, weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, optim=optim, seed=cfg.train.seed,
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
-        # apply_lora already switched checkpointing on where asked (it must precede peft's k-bit wrapping)
-        gradient_checkpointing=False,
+        # apply_lora already switched checkpointing on where asked (it must precede peft's k-bit wrapping); TRL
+        # defaults the Trainer's switch to on, so it is set off under the name this transformers uses (5.24 renamed
+        # it and warns on the old one).
+        **{_checkpointing_flag(): False},
         logging_steps=cfg.train.logging_steps, logging_first_step=True, save_strategy="steps",
         save_steps=cfg.train.save_steps, save_total_limit=cfg.train.save_total_limit,
         eval_strategy="steps" if eval_rows and cfg.eval.eval_steps else "no", eval_steps=cfg.eval.eval_steps or None,

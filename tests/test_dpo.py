@@ -72,14 +72,14 @@ def test_trainer_loss_matches_hand_computed_dpo_loss(version, tmp_path, precompu
     from datasets import Dataset
     from trl import DPOConfig
 
-    from finetune.dpo import CogDPOTrainer, dpo_sigmoid_loss, sequence_logps
+    from finetune.dpo import CogDPOTrainer, _checkpointing_flag, dpo_sigmoid_loss, sequence_logps
 
     model, tok, rows, collator = _setup(version, tmp_path)
     beta = 0.5
     # bf16=False: TRL's configs default to bf16 autocast, which on CPU would make the check approximate
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
                      learning_rate=1e-9, logging_steps=1, remove_unused_columns=False, use_cpu=True,
-                     report_to="none", gradient_checkpointing=False, max_length=None, save_strategy="no",
+                     report_to="none", max_length=None, save_strategy="no", **{_checkpointing_flag(): False},
                      beta=beta, precompute_ref_log_probs=precompute, bf16=False, disable_tqdm=True,
                      lr_scheduler_type="constant")
     # The adapter starts as a non-zero "trained" one, so policy and reference differ. TRL copies it into its
