@@ -113,7 +113,7 @@ def reference_of(conv: Any) -> str | None:
 
 def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: str | None = None,
             batch_size: int = 8, max_new_tokens: int = 64, image_root: str | None = None,
-            log=print) -> dict[str, Any] | None:
+            allow_outside_images: bool = False, log=print) -> dict[str, Any] | None:
     """Answer every row of `data`, write PRED.jsonl atomically; returns metrics when references exist."""
     from tqdm import tqdm
 
@@ -124,7 +124,8 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
 
     # Test rows may end with a question (no reference); images are decoded up front so a corrupt one is
     # reported with its line before any generation runs. Warnings (e.g. duplicate ids) are shown, not fatal.
-    convs, problems = read_jsonl(data, image_root, require_answer=False, check_images=True)
+    convs, problems = read_jsonl(data, image_root, require_answer=False, check_images=True,
+                                 allow_outside_images=allow_outside_images)
     errors = [p for p in problems if p.level == "error"]
     for p in problems:
         if p.level != "error":
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default=None, help="override the stored template (warns)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--image-root", default=None, help="folder relative image paths are resolved against")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="open images outside the data file's folder (or --image-root); refused by default")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer folder (CogVLM1 checkpoints ship none)")
     p.add_argument("--force-base", action="store_true",
                    help="use the adapter even on a base whose weights differ from those it was trained on")
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.use:
             im.use(args.use)
         metrics = predict(im, args.data, args.out, template=args.template, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, image_root=args.image_root)
+                          max_new_tokens=args.max_new_tokens, image_root=args.image_root,
+                          allow_outside_images=args.allow_outside_images)
         if args.report:
             from .report import report_from_files
 

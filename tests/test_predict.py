@@ -115,3 +115,20 @@ def test_predict_and_chat_refuse_a_base_with_other_weights(two_runs, tmp_path, c
     assert main([str(DATA), "--model", str(other), "--adapter", str(run_a), "--out", str(out),
                  "--max-new-tokens", "1", "--force-base"]) == 0
     assert "--force-base given" in capsys.readouterr().err
+
+
+def test_predict_refuses_images_outside_the_data_root_unless_allowed(two_runs, tmp_path, capsys):
+    """Images are opened only under the data file's folder (issue 14.9); --allow-outside-images opts out."""
+    base, run_a, _ = two_runs
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    data = tmp_path / "sub" / "rows.jsonl"
+    data.parent.mkdir()
+    for row in rows:  # the same images, now outside sub/
+        row["images"] = [str((DATA.parent / img).resolve()) for img in row.get("images", [])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [str(data), "--model", str(base), "--adapter", str(run_a), "--out", str(tmp_path / "p.jsonl"),
+            "--max-new-tokens", "1"]
+    assert main(args) != 0
+    assert "outside the data root" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+    assert main(args + ["--allow-outside-images"]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == len(rows)
