@@ -23,6 +23,8 @@ from finetune.train_utils import (
     write_atomic,
 )
 
+from .test_recipe import _StopAt
+
 QUIET = {"log": lambda *_: None}
 
 
@@ -49,16 +51,6 @@ class _Logs(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.history.append(dict(logs or {}))
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 @pytest.fixture(scope="module")
