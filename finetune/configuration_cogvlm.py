@@ -38,6 +38,8 @@ class CogVLMConfig(PretrainedConfig):
       cogvlm_version: 1 or 2. Version 2 adds the 2x2 vision conv, the vision-expert QKV bias and GQA.
       num_multi_query_heads: key/value heads (8 for CogVLM2, = num_attention_heads for CogVLM1).
       rope_theta: 10000 (CogVLM1, hard-coded upstream) or 500000 (CogVLM2, hard-coded upstream).
+      vision_expert: False for CogVLM2-Video (architectures `CogVLMVideoForCausalLM`): no vision-expert weights,
+        every token goes through the language weights (docs/architecture.md §21).
     """
 
     model_type = "cogvlm"
@@ -88,6 +90,8 @@ class CogVLMConfig(PretrainedConfig):
             rope_theta = 500000.0 if cogvlm_version == 2 else 10000.0
         self.rope_theta = rope_theta
         self.use_cache = use_cache
+        arch = (kwargs.get("architectures") or [""])[0]
+        self.vision_expert = bool(kwargs.pop("vision_expert", arch != "CogVLMVideoForCausalLM"))
         if "torch_dtype" in kwargs:  # the official files' name for what transformers 5 calls `dtype`
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         super().__init__(
@@ -102,6 +106,9 @@ class CogVLMConfig(PretrainedConfig):
         """What `save_pretrained` writes. transformers 5 writes `dtype`; the official files (and the official
         code on old transformers) use `torch_dtype`, so both are written."""
         out = super().to_diff_dict()
+        if not self.vision_expert:  # a video config stays one whatever class saves it (§21); the name implies the flag
+            out["architectures"] = ["CogVLMVideoForCausalLM"]
+        out.pop("vision_expert", None)
         if out.get("dtype") is not None:
             out.setdefault("torch_dtype", str(out["dtype"]).replace("torch.", ""))
         return out

@@ -163,10 +163,11 @@ class VisionExpertMLP(nn.Module):
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
         self.language_mlp = MLP(config)
-        self.vision_mlp = MLP(config)
+        if config.vision_expert:
+            self.vision_mlp = MLP(config)
 
     def forward(self, hidden_states: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        return routing.apply(hidden_states, self.language_mlp, self.vision_mlp)
+        return routing.apply(hidden_states, self.language_mlp, getattr(self, "vision_mlp", None))
 
 
 class VisionExpertAttention(nn.Module):
@@ -182,9 +183,9 @@ class VisionExpertAttention(nn.Module):
         qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
         self.rope_fp32_math = config.cogvlm_version == 2  # Triton rotary upcasts (§10.4)
-        # §3: only CogVLM2's vision-expert QKV has a bias.
-        self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
-        self.vision_expert_dense = nn.Linear(h, h, bias=False)
+        if config.vision_expert:  # CogVLM2-Video has none (§21); §3: only CogVLM2's vision-expert QKV has a bias.
+            self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
+            self.vision_expert_dense = nn.Linear(h, h, bias=False)
         self.language_expert_query_key_value = nn.Linear(h, qkv, bias=False)
         self.language_expert_dense = nn.Linear(h, h, bias=False)
 
@@ -199,7 +200,8 @@ class VisionExpertAttention(nn.Module):
         segments: list[list[tuple[int, int, bool]]] | None = None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape  # (B, L, H)
-        qkv = routing.apply(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value)
+        qkv = routing.apply(hidden_states, self.language_expert_query_key_value,
+                            getattr(self, "vision_expert_query_key_value", None))
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)  # [Q | K | V] blocks, head-major (§9.3)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
@@ -220,7 +222,7 @@ class VisionExpertAttention(nn.Module):
             mask = attn_mask.to(q.device) if attn_mask is not None else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, L, hd)
         out = out.transpose(1, 2).reshape(b, n, q_dim)  # (B, L, H)
-        return routing.apply(out, self.language_expert_dense, self.vision_expert_dense)
+        return routing.apply(out, self.language_expert_dense, getattr(self, "vision_expert_dense", None))
 
 
 class CogVLMDecoderLayer(GradientCheckpointingLayer):
@@ -539,7 +541,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
         if isinstance(images, torch.Tensor):
             return images if images.numel() > 0 else None
         flat = [img for sample in images for img in (sample if isinstance(sample, (list, tuple)) else [sample])]
-        return torch.stack(flat) if flat else None
+        # A video is a (T, 3, S, S) tensor: its frames are images in order (§21).
+        return torch.cat([img if img.dim() == 4 else img[None] for img in flat]) if flat else None
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, images: Any) -> torch.Tensor:
         inputs_embeds = self.embed_tokens(input_ids)  # (B, L, H)
@@ -606,7 +609,9 @@ class CogVLMModel(CogVLMPreTrainedModel):
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
 
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
+        # Without vision-expert weights every token, image ones included, uses the language weights (§21).
+        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device)) if self.config.vision_expert \
+            else ExpertRouting()
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
         # Packed rows at prefill/training attend per segment (no L x L mask); with a cache, the mask path.

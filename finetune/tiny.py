@@ -12,7 +12,9 @@ from typing import Any
 
 from .configuration_cogvlm import CogVLMConfig
 
-FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2}
+FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2, "cogvlm2-video": 2}
+# Families that differ from their version's default only by config fields (docs/architecture.md §21).
+FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {"cogvlm2-video": {"architectures": ["CogVLMVideoForCausalLM"]}}
 
 # Largest tiny shard; the tiny models are ~1 MB so this always yields several shards, like the real ones.
 TINY_SHARD_SIZE = "300KB"
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="image side in px: a multiple of 14 (28 for cogvlm, 56 for cogvlm2 by default)")
     args = parser.parse_args(argv)
     try:
-        path = make_tiny(FAMILY_VERSIONS[args.family], args.out, seed=args.seed, image_size=args.image_size)
+        path = make_tiny(FAMILY_VERSIONS[args.family], args.out, seed=args.seed, image_size=args.image_size,
+                         **FAMILY_OVERRIDES.get(args.family, {}))
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote tiny {args.family} checkpoint to {path}")
