@@ -22,7 +22,7 @@ import threading
 import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from data_formats.boxes import BOX_FORMATS, check_box, format_boxes, parse_boxes
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
 BOX_MARKER = "<box>"
 # 64 Mpx: far above any training resolution (CogVLM2 uses 1344^2 = 1.8 Mpx), far below what would
 # exhaust RAM while decoding. PIL's own global limit is left untouched for other code.
@@ -64,17 +65,22 @@ class Message:
 
 @dataclass
 class Conversation:
-    """A validated row. `images` are absolute paths or `data:` URLs, in `<image>` marker order."""
+    """A validated row. `images` are absolute paths or `data:` URLs, in `<image>` marker order; `videos` holds
+    at most one absolute video path (CogVLM2-Video)."""
 
     id: str
     images: list[str]
     messages: list[Message]
     source: str = ""
+    videos: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The canonical row for this conversation (what `cogtune convert` writes)."""
-        return {"id": self.id, "images": list(self.images),
-                "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        out: dict[str, Any] = {"id": self.id, "images": list(self.images)}
+        if self.videos:
+            out["videos"] = list(self.videos)
+        out["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        return out
 
 
 @dataclass
@@ -488,6 +494,58 @@ def _check_images(row: _Row, raw: Any, messages: list[Message], base_dir: Path, 
     return refs
 
 
+def _check_videos(row: _Row, raw: Any, messages: list[Message], base_dir: Path, has_images: bool,
+                  roots: Sequence[Path | str] | None) -> list[str]:
+    """The row's video path (a list of at most one), resolved and checked for existence under the data root.
+
+    Whether it decodes (and its duration, fps, frame count) is checked by `cogtune validate`, which has the
+    decoder; this module stays free of it.
+    """
+    markers = sum(m.content.count(VIDEO_MARKER) for m in messages)
+    if raw is None:
+        if markers:
+            row.error("messages", f"{markers} '{VIDEO_MARKER}' marker(s) but no 'videos' field",
+                      "add \"videos\": [\"path/to/clip.mp4\"] or remove the marker", "marker/video count mismatch")
+        return []
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+        row.error("videos", f"is {json.dumps(raw)[:60]}; expected a list with one video path",
+                  f"write \"videos\": [{json.dumps(raw if isinstance(raw, str) else 'clip.mp4')}]", "bad videos")
+        return []
+    if len(raw) > 1:
+        row.error("videos", f"{len(raw)} videos; CogVLM2-Video takes one video per conversation",
+                  "split the row, one video each", "too many videos")
+    if has_images and raw:
+        row.error("videos", "the row has both images and a video", "CogVLM2-Video takes a video, the image models "
+                  "an image: keep one of them", "images and video")
+    if markers > 1 or (markers and markers != len(raw)):
+        row.error("messages", f"{markers} '{VIDEO_MARKER}' marker(s) but {len(raw)} video(s)",
+                  "use one marker (optional: the video always sits right after BOS) or none",
+                  "marker/video count mismatch")
+    refs: list[str] = []
+    for i, ref in enumerate(raw[:1]):
+        fld = f"videos[{i}]"
+        if ref.startswith(("http://", "https://", "data:")):
+            row.error(fld, f"is not a local file ({ref[:60]})", "download the video and reference the local file",
+                      "bad video ref")
+            continue
+        try:
+            resolved = resolve_image_ref(ref, base_dir)
+        except (OSError, ValueError) as exc:
+            row.error(fld, f"is not a usable path ({exc})", "", "bad video ref")
+            continue
+        if roots is not None and outside_roots(resolved, roots):
+            where = " or ".join(str(r) for r in roots)
+            row.error(fld, f"{ref} lies outside the data root {where}", OUTSIDE_HINT.replace("images", "videos", 1),
+                      "video outside data root")
+            continue
+        if not os.path.isfile(resolved):
+            row.error(fld, f"video not found: {resolved}",
+                      "paths are relative to the JSONL file's folder unless --image-root is given", "missing video")
+            continue
+        refs.append(resolved)
+    return refs
+
+
 def _render_boxes(row: _Row, obj: dict, messages: list[Message], images: list[str]) -> None:
     """Replace `<box>` markers with Cog text, in order; check boxes already written as text."""
     raw, fmt = obj.get("boxes"), obj.get("box_format")
@@ -590,10 +648,11 @@ def _parse_row(row: _Row, obj: Any, base_dir: Path, default_id: str, max_images:
     elif not roots:
         roots = (base_dir,)
     images = _check_images(row, obj.get("images"), messages, base_dir, max_images, check_images, roots)
+    videos = _check_videos(row, obj.get("videos"), messages, base_dir, bool(obj.get("images")), roots)
     _render_boxes(row, obj, messages, images)
     if not row.ok:
         return None, row.problems
-    return Conversation(str(rid), images, messages, source), row.problems
+    return Conversation(str(rid), images, messages, source, videos), row.problems
 
 
 def _decode_candidates(objs: Iterable[Any], base_dir: Path, allow_outside_images: bool) -> Iterator[str]:

@@ -496,5 +496,6 @@ class CogVLMCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "position_ids": position_ids,
-            "images": torch.stack(images) if images else None,  # (N, 3, S, S)
+            # (N, 3, S, S); a video item is (T, 3, S, S): its frames join in order (docs/architecture.md §21)
+            "images": torch.cat([i if i.dim() == 4 else i[None] for i in images]) if images else None,
         }
