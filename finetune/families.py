@@ -74,6 +74,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "cogvlm2-llama3-chinese-chat-19b": FamilySpec("cogvlm2-llama3-chinese-chat-19b", 2,
                                                   "THUDM/cogvlm2-llama3-chinese-chat-19B", 1344, 14, "chat",
                                                   ("base", "chat", "vqa"), _COG2_TOKENIZER),
+    # https://huggingface.co/THUDM/cogvlm2-video-llama3-chat/blob/main/config.json (no vision experts, §21)
+    "cogvlm2-video-llama3-chat": FamilySpec("cogvlm2-video-llama3-chat", 2, "THUDM/cogvlm2-video-llama3-chat", 224,
+                                            14, "chat", ("base", "chat", "vqa"), _COG2_TOKENIZER),
+    "cogvlm2-video-llama3-base": FamilySpec("cogvlm2-video-llama3-base", 2, "THUDM/cogvlm2-video-llama3-base", 224,
+                                            14, "base", ("base", "chat", "vqa"), _COG2_TOKENIZER),
+    "cogvlm2-llama3-caption": FamilySpec("cogvlm2-llama3-caption", 2, "THUDM/cogvlm2-llama3-caption", 224, 14,
+                                         "base", ("base", "chat", "vqa"), _COG2_TOKENIZER),
 }
 
 

@@ -36,6 +36,7 @@ class ValidationReport:
     rows: int
     valid: int
     problems: list[Problem] = field(default_factory=list)
+    videos: dict[str, Any] = field(default_factory=dict)  # path -> VideoInfo (duration, fps, frames) of valid rows
 
     @property
     def errors(self) -> list[Problem]:
@@ -137,6 +138,11 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
     convs, problems = validate_rows(lines, path=path, image_root=image_root, max_images=max_images,
                                     check_images=check_images, allow_outside_images=allow_outside_images)
     problems = bad_lines + problems
+    videos: dict[str, Any] = {}
+    if check_images and any(c.videos for c in convs):  # every video opens; duration, fps, frames (§21)
+        from finetune.models.cogvlm2_video.validation import check_videos
+
+        convs, videos = check_videos(convs, problems)
     rows = sum(1 for line in lines if line.strip()) + len(bad_lines)
     foreign = [p for p in problems if p.kind == "foreign format"]
     if rows > 1 and not convs and len(foreign) == rows == len(problems):  # a whole file in another layout: say it once
@@ -150,7 +156,7 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
         problems.append(Problem(str(path), "file", "has no rows", "each line must be one JSON object (see "
                                 "data_formats/README.md); `cogtune convert` writes such a file", "error",
                                 "empty file"))
-    return convs, ValidationReport(str(path), rows, len(convs), problems)
+    return convs, ValidationReport(str(path), rows, len(convs), problems, videos)
 
 
 # What `load_and_validate` rejected, per file version, so that `finetune.dataset.encode_jsonl` skips
@@ -219,6 +225,7 @@ class ModelInfo:
     template_version: str
     tokenizer: Any = None
     tokenizer_note: str = ""
+    video: bool = False  # CogVLM2-Video: rows carry a video, each sampled frame is one image span
 
 
 def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -> ModelInfo:
@@ -232,7 +239,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             cfg = CogVLMConfig(**read_checkpoint_config(folder))
         except (OSError, TypeError, ValueError) as exc:
             raise ValueError(f"--model {model}: {exc}") from None
-        info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
+        info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version,
+                         video=not cfg.vision_expert)
         from finetune.tokenization import load_tokenizer
 
         try:
@@ -245,7 +253,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     if model not in FAMILIES:
         get_family(model)  # raises with the nearest names
     spec = FAMILIES[model]
-    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version)
+    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version,
+                     video="video" in model or "caption" in model)
     if tokenizer_dir:
         from finetune.tokenization import load_tokenizer
 
@@ -264,9 +273,19 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
-                 max_images: int | None) -> tuple[list[str], list[Problem]]:
+                 max_images: int | None, videos: dict[str, Any] | None = None,
+                 sampling: Any = None) -> tuple[list[str], list[Problem]]:
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
     from finetune.processing_cogvlm import RowTooLong, encode_conversation
+
+    if info.video:  # a video row's length depends on how many frames the sampling keeps (§21)
+        from finetune.models.cogvlm2_video.processing import encode_video_conversation
+        from finetune.models.cogvlm2_video.validation import frames_seen
+
+        def encode_conversation(conv, tokenizer, max_length=None, **_):  # noqa: F811 - same call, video layout
+            n = frames_seen(videos[conv.videos[0]], sampling) if conv.videos and videos else 0
+            return encode_video_conversation(conv, tokenizer, n_frames=n, frame_tokens=info.image_tokens,
+                                             template_version=info.template_version, max_length=max_length)
 
     lengths: list[int] = []
     truncated = dropped = 0
@@ -309,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images allowed per row (official checkpoints: 1; 0 = no limit)")
     p.add_argument("--image-root", help="folder relative image paths refer to (default: the JSONL's folder)")
     p.add_argument("--no-decode", action="store_true", help="check that images exist, without decoding them")
+    p.add_argument("--num-frames", type=int, help="video models: frames sampled per video (default 24)")
+    p.add_argument("--fps", type=float, help="video models, chat template: frames per second of video (default 1)")
     p.add_argument("--allow-outside-images", action="store_true",
                    help="accept image paths outside the data root (the file's folder or --image-root)")
     return p
@@ -329,8 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     convs, report = check_file(args.data, image_root=args.image_root, max_images=max_images,
                                check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
     lines: list[str] = []
+    sampling = None
+    if info.video:
+        from finetune.models.cogvlm2_video.validation import video_report_lines
+        from finetune.models.cogvlm2_video.video import FrameSampling
+
+        sampling = FrameSampling.for_template(info.template_version, args.num_frames, args.fps)
+        lines += video_report_lines(report.videos, sampling, info.image_tokens)
     if info.tokenizer is not None and convs:
-        lines, encode_problems = token_report(convs, info, args.max_length, max_images)
+        token_lines, encode_problems = token_report(convs, info, args.max_length, max_images, report.videos, sampling)
+        lines += token_lines
         report.problems.extend(encode_problems)
         report.valid -= len(encode_problems)
     report.problems.sort(key=lambda p: _line_of(p.source))
@@ -338,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         print(problem)
     print(report.summary())
     with_images = sum(1 for c in convs if c.images)
-    print(f"model {info.name}: CogVLM{'2' if info.version == 2 else ''} layout, {info.image_tokens} tokens per "
-          f"image; {with_images} valid rows carry images")
+    if info.video:
+        print(f"model {info.name}: CogVLM2-Video layout, {info.image_tokens} tokens per frame; "
+              f"{sum(1 for c in convs if c.videos)} valid rows carry a video")
+    else:
+        print(f"model {info.name}: CogVLM{'2' if info.version == 2 else ''} layout, {info.image_tokens} tokens per "
+              f"image; {with_images} valid rows carry images")
     if info.tokenizer is None:
         print(f"token lengths need a tokenizer: {info.tokenizer_note}")
     for line in lines:
