@@ -22,7 +22,7 @@ from typing import Literal, get_args
 from data_formats.common import Record
 from data_formats.schema import parse_row, write_jsonl
 
-Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf"]
+Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "llava-video", "video-folder"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -59,6 +59,12 @@ def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record
         return hf.convert(src, out_path=Path(args.out), split=args.split, image_column=args.image_column,
                           messages_column=args.messages_column, question_column=args.question_column,
                           answer_column=args.answer_column, prompt=args.prompt)
+    if fmt in ("llava-video", "video-folder"):
+        from data_formats import video
+
+        if fmt == "video-folder":
+            return video.convert_video_folder(src, prompt=args.prompt)
+        return video.convert_llava_video(src, image_root=root, role_map=args.role_map)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -85,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-column", help="hf: column holding role/content turns")
     p.add_argument("--question-column", help="hf: column holding the user turn")
     p.add_argument("--answer-column", help="hf: column holding the answer")
-    p.add_argument("--prompt", help="hf: fixed user turn when there is no question column (captioning)")
+    p.add_argument("--prompt", help="hf, video-folder: fixed user turn when there is no question (captioning)")
     p.add_argument("--allow-outside-images", action="store_true",
                    help="accept image paths outside the input's folder / --image-root (refused by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     # cogvlm-sft and hf read images next to the input whatever --image-root says; the others resolve
     # them against --image-root when given.
     in_root = Path(args.image_root) if args.image_root and args.fmt not in ("cogvlm-sft", "hf") else src.parent
+    if args.fmt == "video-folder":  # the clips are inside the given folder
+        in_root = src
     roots = (in_root, out_dir)
     skipped: Counter[str] = Counter()
     reports: list[str] = []
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     if conv is not None:
                         canonical = conv.to_json()
                         canonical["images"] = [_portable(r, out_dir) for r in conv.images]
+                        if conv.videos:
+                            canonical["videos"] = [_portable(r, out_dir) for r in conv.videos]
                         outside += sum(1 for r in canonical["images"] if os.path.isabs(r))
                         if "boxes" in row:  # keep `<box>` markers and the boxes as given (pixel boxes stay exact)
                             canonical["messages"] = [dict(m) for m in row["messages"]]
