@@ -108,6 +108,12 @@ def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
         hit = [n for n in candidates if re.fullmatch(pattern, n)]
         skipped += [n for n in hit if n in dead and n not in skipped]
         matches[target] = [n for n in hit if n not in dead]
+        if not hit and target.startswith("vision_expert") and not any(
+                "vision_expert" in n or "vision_mlp" in n for n in names):
+            problems.append(f"lora.targets: {target!r}: this model has no vision-expert weights (CogVLM2-Video: every "
+                            "token, video frames included, goes through the language weights, docs/architecture.md "
+                            "§21); target language_expert (and glu_adapter) instead")
+            continue
         if not hit:
             near = difflib.get_close_matches(target, candidates, n=5, cutoff=0.0)
             kind = "preset" if target in PRESETS else "regex"
