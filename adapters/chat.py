@@ -98,7 +98,10 @@ def answer(im: InferenceModel, image: str | None, history: list[tuple[str, str]]
     from finetune.generation import generate_answers
 
     messages = [Message(role, text) for q, a in history for role, text in (("user", q), ("assistant", a))]
-    conv = Conversation("chat", [str(Path(image).resolve())] if image else [], messages + [Message("user", prompt)])
+    media = [str(Path(image).resolve())] if image else []
+    video = not getattr(im.model.config, "vision_expert", True)  # CogVLM2-Video: the file is a video (§21)
+    conv = Conversation("chat", [] if video else media, messages + [Message("user", prompt)],
+                        videos=media if video else [])
     streamer = _streamer(im.tokenizer, stream, stop_on_repetition)
     try:
         with quiet_libraries():
@@ -112,6 +115,21 @@ def answer(im: InferenceModel, image: str | None, history: list[tuple[str, str]]
 
 def _note(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def check_video(path: str, image: str | None) -> str:
+    """`path` if it is a video PyAV opens with at least one frame, else ValueError; never both --image and --video."""
+    if image:
+        raise ValueError("give --image or --video, not both")
+    from finetune.models.cogvlm2_video.video import VideoDecodeError, probe_video
+
+    if not Path(path).is_file():
+        raise ValueError(f"video {path} does not exist")
+    try:
+        probe_video(path)
+    except VideoDecodeError as err:
+        raise ValueError(str(err)) from None
+    return path
 
 
 def check_image(path: str) -> str:
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="adapter (run folder or adapter folder); repeat with NAME=DIR for several")
     p.add_argument("--use", default=None, help="named adapter to start with (default: the first)")
     p.add_argument("--image", default=None, help="image the conversation is about (omit for text only)")
+    p.add_argument("--video", default=None, help="video the conversation is about (CogVLM2-Video models)")
     p.add_argument("--prompt", default=None, help="ask once and exit (default: interactive)")
     p.add_argument("--template", default=None, help="override the stored template (warns)")
     p.add_argument("--max-new-tokens", type=int, default=256,
@@ -226,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         check_template_name(args.template)  # before the (slow) model load
         if args.image:
             check_image(args.image)
+        if args.video:
+            check_video(args.video, args.image)
         im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir, force_base=args.force_base)
+        if args.video and getattr(im.model.config, "vision_expert", True):
+            raise ValueError(f"--video needs a CogVLM2-Video model; {args.model} is an image model (use --image)")
+        args.image = args.video or args.image
         if args.use:
             im.use(args.use)
         if args.prompt is not None:

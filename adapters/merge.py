@@ -304,22 +304,36 @@ def probe_image(path: Path, size: int = 64) -> Path:
     return path
 
 
-def probe_conversations(image: Path) -> list[Any]:
-    """Two image questions and one text-only row, so both experts and left padding are exercised."""
+def probe_conversations(image: Path, video: bool = False) -> list[Any]:
+    """Two image questions and one text-only row, so both experts and left padding are exercised.
+
+    `video` (CogVLM2-Video): the two questions are about `probe.mp4` beside the image, 3 and 2 frames long."""
     from data_formats.schema import Conversation, Message
 
-    rows = [Conversation(f"probe{i}", [str(image)], [Message("user", q)]) for i, q in enumerate(PROBE_QUESTIONS)]
+    if video:
+        from finetune.models.cogvlm2_video.video import write_test_video
+
+        clips = [image.with_name(f"probe{i}.mp4") for i in range(2)]
+        for i, clip in enumerate(clips):
+            if not clip.is_file():
+                write_test_video(clip, [(230, 40, 40), (40, 200, 60), (40, 60, 230)][i:], size=(64, 48))
+        rows = [Conversation(f"probe{i}", [], [Message("user", q)], videos=[str(clips[i])])
+                for i, q in enumerate(PROBE_QUESTIONS)]
+    else:
+        rows = [Conversation(f"probe{i}", [str(image)], [Message("user", q)]) for i, q in enumerate(PROBE_QUESTIONS)]
     rows.append(Conversation("probe-text", [], [Message("user", "Say hello.")]))
     return rows
 
 
 def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> dict[str, Any]:
     """Probe batch built with the run's template by processing: left padded, as at generation time."""
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm2_video.processing import collator_class
 
-    convs = probe_conversations(probe_image(workdir / "probe.png"))
-    collator = CogVLMCollator(tokenizer, config, template_version=template, padding_side="left",
-                              add_generation_prompt=True)
+    video = not getattr(config, "vision_expert", True)
+    convs = probe_conversations(probe_image(workdir / "probe.png"), video)
+    extra = {"cache_dir": workdir / "frames"} if video else {}
+    collator = collator_class(config)(tokenizer, config, template_version=template, padding_side="left",
+                                      add_generation_prompt=True, **extra)
     batch = collator(convs)
     return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
 
@@ -780,7 +794,8 @@ def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(folder, None, model.config)
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
     template = _read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
-    convs = probe_conversations(Path(probe_file).with_name("probe.png"))
+    convs = probe_conversations(Path(probe_file).with_name("probe.png"), not getattr(model.config, "vision_expert",
+                                                                                     True))
     stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
                                              max_new_tokens=8)[0]
     return stats

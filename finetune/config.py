@@ -54,6 +54,8 @@ class DataSection:
     allow_outside_images: bool = _f(False, "accept image paths outside the data root (JSONL folder or image_root)")
     streaming: bool = _f(False, "read the training file lazily (huge files); needs train.max_steps > 0")
     num_workers: int = _f(2, "DataLoader workers that decode and resize images")
+    num_frames: int | None = _f(None, "video models: frames sampled per video (default 24, the official demo's)")
+    fps: float | None = _f(None, "video models, chat template: frames per second of video (default 1)")
 
 
 @dataclass
@@ -489,6 +491,10 @@ def _check_values(cfg: RunConfig, where: _Where | str) -> list[str]:
             "prints them), e.g. 2048")
     if d.num_workers < 0:
         bad("data.num_workers", "must be >= 0 (0 = load images in the main process)")
+    if d.num_frames is not None and d.num_frames < 1:
+        bad("data.num_frames", "must be >= 1 frames per video (null = 24, the official demo's)")
+    if d.fps is not None and not d.fps > 0:
+        bad("data.fps", "must be > 0 frames per second of video (null = 1, the official chat demo's)")
     if d.streaming and t.max_steps <= 0:
         p.append(f"{where('data.streaming')}: 'data.streaming' needs 'train.max_steps' > 0 (a stream has no known "
                  "length); set train.max_steps=N")

@@ -118,7 +118,11 @@ def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, tokenizer
             skip = "invalid: " + ("; ".join(errors) or "row rejected")
         else:
             try:
-                ex = encode_conversation(conv, tokenizer, **settings)
+                if "video_sampling" in settings:  # CogVLM2-Video rows (docs/architecture.md §21)
+                    from .models.cogvlm2_video.processing import encode_video_row as encode
+                else:
+                    encode = encode_conversation
+                ex = encode(conv, tokenizer, **settings)
             except RowTooLong as err:
                 skip = f"too long: {err}"
             except ValueError as err:
@@ -143,6 +147,7 @@ def encode_jsonl(
     family: str | None = None,
     image_root: str | Path | None = None,
     allow_outside_images: bool = False,
+    video_sampling: dict[str, Any] | None = None,
     streaming: bool = False,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
@@ -166,6 +171,8 @@ def encode_jsonl(
     settings = dict(family_version=family_version, image_tokens=image_tokens, template_version=template_version,
                     max_length=max_length, last_turn_only=last_turn_only, allow_multi_image=allow_multi_image,
                     family=family)
+    if video_sampling is not None:  # video models: frame counts follow the sampling (part of the cache key)
+        settings["video_sampling"] = video_sampling
     rejected = rejected_lines(path, image_root, allow_outside_images) or {}
     features = Features({k: Value(v) for k, v in _LINE_FEATURES.items()})
     fn_kwargs = dict(path=str(path), base_dir=base_dir, tokenizer=tokenizer, settings=settings,
@@ -205,11 +212,14 @@ class ImageDecodeError(ImageError):
     constructible from one message string, as DataLoader workers re-raise exceptions that way."""
 
 
-def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`."""
+def _with_images(row: dict[str, Any], image_size: int, loader: Any = None) -> dict[str, Any]:
+    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`.
+
+    `loader(ref)` replaces the image transform (video models: a video path -> its (T, 3, S, S) frames)."""
     row = dict(row)
     try:
-        row["images"] = [load_and_transform_image(ref, image_size) for ref in row["images"]]  # each (3, S, S)
+        row["images"] = [loader(ref) if loader is not None else load_and_transform_image(ref, image_size)
+                         for ref in row["images"]]  # each (3, S, S)
     except (ImageError, OSError) as exc:
         raise ImageDecodeError(f"row {row.get('id', '?')}: {exc}; run `cogtune validate` on the data, fix or "
                                "remove the image, then resume") from None
@@ -219,15 +229,16 @@ def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
 class CogVLMDataset(torch.utils.data.Dataset):
     """Map-style view of encoded rows; `__getitem__` decodes and transforms the row's images (in the worker)."""
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, image_size: int, loader: Any = None) -> None:
         self.encoded = encoded
         self.image_size = image_size
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return _with_images(self.encoded[i], self.image_size)
+        return _with_images(self.encoded[i], self.image_size, self.loader)
 
 
 class CogVLMIterableDataset(torch.utils.data.IterableDataset):
@@ -237,9 +248,10 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
     message on stderr (counted in `skipped_images` of the worker's copy), like rows that fail validation.
     """
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, image_size: int, loader: Any = None) -> None:
         self.encoded = encoded
         self.image_size = image_size
+        self.loader = loader
         self.skipped_images = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -248,7 +260,7 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
         for i, row in enumerate(self.encoded):
             if i % workers == worker:
                 try:
-                    item = _with_images(row, self.image_size)
+                    item = _with_images(row, self.image_size, self.loader)
                 except ImageDecodeError as exc:  # streaming skips rows it cannot use, as it does invalid ones
                     self.skipped_images += 1
                     print(f"streaming: skipped {exc}", file=sys.stderr)
@@ -256,13 +268,13 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
                 yield item
 
 
-def build_torch_dataset(encoded: Any, image_size: int) -> CogVLMDataset | CogVLMIterableDataset:
+def build_torch_dataset(encoded: Any, image_size: int, loader: Any = None) -> CogVLMDataset | CogVLMIterableDataset:
     """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator."""
     from datasets import IterableDataset
 
     if isinstance(encoded, IterableDataset):
-        return CogVLMIterableDataset(encoded, image_size)
-    return CogVLMDataset(encoded, image_size)
+        return CogVLMIterableDataset(encoded, image_size, loader)
+    return CogVLMDataset(encoded, image_size, loader)
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -17,8 +17,6 @@ import torch
 
 from data_formats.boxes import iou, parse_boxes
 
-from .processing_cogvlm import CogVLMCollator
-
 
 def _param_dtype(model: Any, suffix: str) -> torch.dtype:
     """dtype of the first parameter whose name ends with `suffix` (first floating one as a fallback)."""
@@ -79,8 +77,10 @@ def generate_answers(
     if stream is not None:
         batch_size = 1
     config = model.config
-    collator = CogVLMCollator(tokenizer, config, template_version=template_version, padding_side="left",
-                              add_generation_prompt=True)
+    from .models.cogvlm2_video.processing import collator_class
+
+    collator = collator_class(config)(tokenizer, config, template_version=template_version, padding_side="left",
+                                      add_generation_prompt=True)
     encoded = [collator.encode(c) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     stops = stop_token_ids(model, tokenizer)

@@ -81,7 +81,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     # peft keeps each LoRA layer's dropped-out input for backward; upper bound: every token counted for every
     # wrapped linear (an expert's LoRA sees only its own tokens). Measured: ~a third of the activations.
     dropout = tokens * lora_in_features * act if cfg.lora.lora_dropout > 0 and lora_in_features else 0
-    answer = max(1, seq - c.image_tokens) * b  # label positions at most: the text part of each row
+    # CogVLM2-Video: a row holds num_frames frames of image_tokens each, and the tower sees every frame (§21).
+    frames = 1 if getattr(c, "vision_expert", True) else (cfg.data.num_frames or 24)
+    answer = max(1, seq - frames * c.image_tokens) * b  # label positions at most: the text part of each row
     logits = answer * c.vocab_size * 4 * 3
     logits_basis = f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"
     if gc:
@@ -108,7 +110,7 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         rows.append(("loss logits (labelled positions)", logits / GIB, logits_basis))
     vc = c.vision_config
     n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
-    vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
+    vision_layer = b * frames * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
     if any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
         kept = (1 if gc else vc["num_hidden_layers"]) * vision_layer
         rows.append(("activations: vision tower", kept / GIB,

@@ -436,11 +436,14 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     `cogtune validate` (skipped in streaming mode, where rows are checked as they are read).
     """
     from .dataset import PackedDataset, build_torch_dataset, encode_jsonl
-    from .processing_cogvlm import CogVLMCollator
+    from .models.cogvlm2_video.processing import VideoFrameLoader, collator_class, video_settings
 
-    collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
-                              last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
-                              allow_multi_image=cfg.data.allow_multi_image)
+    # CogVLM2-Video: rows carry a video; frames sampled per data.num_frames / data.fps (docs/architecture.md §21)
+    video = video_settings(config, template, cfg.data.num_frames, cfg.data.fps)
+    extra = {} if video is None else {"num_frames": video["num_frames"], "fps": video["fps"]}
+    collator = collator_class(config)(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
+                                      last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
+                                      allow_multi_image=cfg.data.allow_multi_image, **extra)
     if cfg.data.streaming:
         log("data.streaming: rows are validated as they are read; invalid or too-long rows are skipped without "
             "an up-front count (run `cogtune validate` on the file first)")
@@ -449,7 +452,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
                     max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
                     allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root,
-                    allow_outside_images=cfg.data.allow_outside_images)
+                    allow_outside_images=cfg.data.allow_outside_images, video_sampling=video)
     encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")
@@ -457,7 +460,8 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
             log(f"  skipped: {line}")
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
-    train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
+    size = int(config.vision_config["image_size"])
+    train = build_torch_dataset(encoded, size, None if video is None else VideoFrameLoader(video, size))
     if cfg.data.packing and not cfg.data.streaming:  # plan packs over the whole dataset (see PackedDataset)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         train = PackedDataset(train, lengths, cfg.data.max_length)

@@ -17,6 +17,8 @@ uniform over the first 60 s); `num_frames`, `fps` and `clip_seconds` are setting
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ...families import CLIP_MEAN, CLIP_STD, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from ...processing_cogvlm import IGNORE_INDEX, CogVLMCollator, EncodedExample, RowTooLong, encode_conversation
-from .video import FrameCache, FrameSampling, default_cache_dir
+from .video import FrameCache, FrameSampling, VideoDecodeError, default_cache_dir, probe_video, sample_indices
 
 if TYPE_CHECKING:
     from data_formats.schema import Conversation
@@ -163,3 +165,77 @@ class CogVLMVideoCollator(CogVLMCollator):
 
     def _image(self, ref: Any) -> torch.Tensor:
         return ref if isinstance(ref, torch.Tensor) else self.frames(str(ref))
+
+
+def sampling_from(settings: dict[str, Any] | FrameSampling) -> FrameSampling:
+    return settings if isinstance(settings, FrameSampling) else FrameSampling(**settings)
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame_count(path: str, size: int, mtime_ns: int, sampling: FrameSampling) -> int:
+    return len(sample_indices(probe_video(path), sampling))
+
+
+def frame_count(path: str, sampling: FrameSampling) -> int:
+    """Frames the sampling takes from `path`, from its timestamps only (no pixel decoding); memoised per file."""
+    st = os.stat(path)
+    return _frame_count(path, st.st_size, st.st_mtime_ns, sampling)
+
+
+def encode_video_row(conv: Conversation, tokenizer: Any, *, video_sampling: dict[str, Any], image_tokens: int,
+                     template_version: str, max_length: int | None = None, last_turn_only: bool = False,
+                     **_: Any) -> EncodedExample:
+    """`encode_video_conversation` with the frame count read off the file (the dataset's encoder for video rows).
+
+    Takes the image encoder's settings (the unused ones are ignored) plus `video_sampling` (FrameSampling
+    fields). A video that cannot be read is a ValueError, which the dataset counts as an invalid row.
+    """
+    sampling = sampling_from(video_sampling)
+    try:
+        n = frame_count(conv.videos[0], sampling) if conv.videos else 0
+    except (VideoDecodeError, OSError) as err:
+        raise ValueError(f"videos[0]: {err}") from None
+    return encode_video_conversation(conv, tokenizer, n_frames=n, frame_tokens=image_tokens,
+                                     template_version=template_version, max_length=max_length,
+                                     last_turn_only=last_turn_only)
+
+
+class VideoFrameLoader:
+    """video path -> (T, 3, S, S) frames, for DataLoader workers; each worker keeps its own memory cache and all
+    share the disk cache. A video that fails to decode raises `ImageError` (the trainer's decode-failure path)."""
+
+    def __init__(self, video_sampling: dict[str, Any] | FrameSampling, image_size: int,
+                 cache_dir: str | Path | None = None) -> None:
+        self.sampling = sampling_from(video_sampling)
+        self.image_size = image_size
+        self.cache_dir = str(cache_dir) if cache_dir is not None else str(default_cache_dir())
+        self._cache: FrameCache | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # workers build their own (no arrays pickled across)
+
+    def __call__(self, ref: Any) -> torch.Tensor:
+        from data_formats.schema import ImageError
+
+        if isinstance(ref, torch.Tensor):
+            return ref
+        if self._cache is None:
+            self._cache = FrameCache(self.cache_dir)
+        try:
+            return transform_video(self._cache.frames(str(ref), self.sampling), self.image_size)
+        except VideoDecodeError as err:
+            raise ImageError(str(err)) from None
+
+
+def collator_class(config: Any) -> type[CogVLMCollator]:
+    """The video collator for a CogVLM2-Video config (no vision experts), else the image one."""
+    return CogVLMCollator if getattr(config, "vision_expert", True) else CogVLMVideoCollator
+
+
+def video_settings(config: Any, template_version: str, num_frames: int | None = None,
+                   fps: float | None = None) -> dict[str, Any] | None:
+    """FrameSampling fields for a video config (None for image models): what the dataset encoder and loader take."""
+    if getattr(config, "vision_expert", True):
+        return None
+    s = FrameSampling.for_template(template_version, num_frames, fps)
+    return {"policy": s.policy, "num_frames": s.num_frames, "fps": s.fps, "clip_seconds": s.clip_seconds}
