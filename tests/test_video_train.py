@@ -27,7 +27,8 @@ def video_task(tmp_path_factory):
         order = [names[(i + k) % 3] for k in range(1 + i % 3)]  # 1 to 3 frames: batches mix frame counts
         write_test_video(root / "clips" / f"c{i}.mp4", [COLOURS[n] for n in order], fps=1, size=(64, 48))
         rows.append({"id": f"c{i}", "videos": [f"clips/c{i}.mp4"], "messages": [
-            {"role": "user", "content": "<video>What colour comes first?"}, {"role": "assistant", "content": order[0]}]})
+            {"role": "user", "content": "<video>What colour comes first?"},
+            {"role": "assistant", "content": order[0]}]})
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, data
