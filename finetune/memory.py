@@ -81,7 +81,8 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     # peft keeps each LoRA layer's dropped-out input for backward; upper bound: every token counted for every
     # wrapped linear (an expert's LoRA sees only its own tokens). Measured: ~a third of the activations.
     dropout = tokens * lora_in_features * act if cfg.lora.lora_dropout > 0 and lora_in_features else 0
-    # CogVLM2-Video: a row holds num_frames frames of image_tokens each, and the tower sees every frame (§21).
+    # CogVLM2-Video: a row holds num_frames frames of image_tokens each, and the tower sees every frame
+    # (docs/architecture.md §21).
     frames = 1 if getattr(c, "vision_expert", True) else (cfg.data.num_frames or 24)
     answer = max(1, seq - frames * c.image_tokens) * b  # label positions at most: the text part of each row
     logits = answer * c.vocab_size * 4 * 3

@@ -139,7 +139,8 @@ def check_file(path: str | Path, *, image_root: str | Path | None = None, max_im
                                     check_images=check_images, allow_outside_images=allow_outside_images)
     problems = bad_lines + problems
     videos: dict[str, Any] = {}
-    if check_images and any(c.videos for c in convs):  # every video opens; duration, fps, frames (§21)
+    # Every video opens; duration, fps, frames are recorded (docs/architecture.md §21).
+    if check_images and any(c.videos for c in convs):
         from finetune.models.cogvlm2_video.validation import check_videos
 
         convs, videos = check_videos(convs, problems)
@@ -278,7 +279,8 @@ def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | N
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
     from finetune.processing_cogvlm import RowTooLong, encode_conversation
 
-    if info.video:  # a video row's length depends on how many frames the sampling keeps (§21)
+    # A video row's length depends on how many frames the sampling keeps (docs/architecture.md §21).
+    if info.video:
         from finetune.models.cogvlm2_video.processing import encode_video_conversation
         from finetune.models.cogvlm2_video.validation import frames_seen
 
