@@ -7,7 +7,7 @@ scored on held-out clips by ranking the candidate colours by likelihood (chance 
 LoRA on the language weights + the vision adapter (no vision experts exist in this family) and `lm_head`
 saved, through the kit's video collator (frames decoded once, cached), then scored again.
 
-    .venv/bin/python bench/video_learning.py [--train 240 --eval 60 --steps 150]
+    .venv/bin/python bench/video_learning.py [--train 480 --eval 60 --steps 200]
 
 Prints accuracy before -> after, per question type, and the wall time. CPU only, a couple of minutes.
 """
@@ -51,15 +51,16 @@ def write_clip(path: Path, colours: list[str], rng: random.Random, size: int = 5
             out.mux(packet)
 
 
-def write_task(folder: Path, n_train: int, n_eval: int, frames: int, seed: int) -> tuple[Path, Path]:
+def write_task(folder: Path, n_train: int, n_eval: int, frames: int, seed: int,
+               kinds: tuple[str, ...] = ("first", "last"), names: list[str] | None = None) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl in the cogtune schema with a `videos` field; clips beside them."""
     rng = random.Random(seed)
     paths = {}
     for split, n in (("train", n_train), ("eval", n_eval)):
         rows = []
         for i in range(n):
-            colours = rng.sample(list(COLOURS), frames)
-            kind = "first" if i % 2 == 0 else "last"
+            colours = rng.sample(names or list(COLOURS), frames)
+            kind = kinds[i % len(kinds)]
             name = f"clips/{split}_{i:04d}.mp4"
             write_clip(folder / name, colours, rng)
             rows.append({"id": f"{split}-{i}-{kind}", "videos": [name], "messages": [
@@ -70,13 +71,14 @@ def write_task(folder: Path, n_train: int, n_eval: int, frames: int, seed: int) 
     return paths["train"], paths["eval"]
 
 
-def ranking_accuracy(model: Any, collator: Any, convs: list[Any], batch_size: int = 32) -> dict[str, float]:
+def ranking_accuracy(model: Any, collator: Any, convs: list[Any], batch_size: int = 32,
+                     names: list[str] | None = None) -> dict[str, float]:
     """Share of rows whose true colour has the best mean answer-token likelihood, overall and per question."""
     import torch
 
     from data_formats.schema import Message
 
-    names = list(COLOURS)
+    names = names or list(COLOURS)
     hits: dict[str, list[bool]] = {"first": [], "last": []}
     model.eval()
     with torch.no_grad():
@@ -96,11 +98,12 @@ def ranking_accuracy(model: Any, collator: Any, convs: list[Any], batch_size: in
                 best = int(score[j * len(names):(j + 1) * len(names)].argmax())
                 hits[c.id.rsplit("-", 1)[1]].append(names[best] == c.messages[-1].content)
     every = hits["first"] + hits["last"]
-    return {"all": sum(every) / len(every), **{k: sum(v) / max(len(v), 1) for k, v in hits.items()}}
+    return {"all": sum(every) / len(every), **{k: sum(v) / len(v) for k, v in hits.items() if v}}
 
 
 def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, steps: int = 150, batch: int = 16,
-        lr: float = 3e-3, seed: int = 0, log: Any = print) -> tuple[dict[str, float], dict[str, float]]:
+        lr: float = 3e-3, seed: int = 0, log: Any = print, colours: int = len(COLOURS),
+        kinds: tuple[str, ...] = ("first", "last")) -> tuple[dict[str, float], dict[str, float]]:
     """Write the task and a tiny model, measure, train LoRA, measure again; returns (before, after)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -112,7 +115,8 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     from finetune.tokenization import build_tiny_tokenizer
 
     torch.manual_seed(seed)
-    train_path, eval_path = write_task(folder, n_train, n_eval, frames, seed)
+    names = list(COLOURS)[:colours]
+    train_path, eval_path = write_task(folder, n_train, n_eval, frames, seed, kinds, names)
     train, p1 = read_jsonl(train_path)
     held_out, p2 = read_jsonl(eval_path)
     assert not p1 and not p2, (p1 + p2)[:3]
@@ -121,10 +125,9 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     model = CogVLMVideoForCausalLM(config)
     collator = CogVLMVideoCollator(tok, config, template_version="chat", last_turn_only=True,
                                    cache_dir=folder / "frame-cache")
-    before = ranking_accuracy(model, collator, held_out)
-    log(f"[video] {n_train} training / {n_eval} held-out clips, {frames} frames each, {len(COLOURS)} colours "
-        f"(chance {100 / len(COLOURS):.0f}%); accuracy BEFORE {100 * before['all']:.1f}% "
-        f"(first {100 * before['first']:.0f}%, last {100 * before['last']:.0f}%)")
+    before = ranking_accuracy(model, collator, held_out, names=names)
+    log(f"[video] {n_train} training / {n_eval} held-out clips, {frames} frames each, {len(names)} colours "
+        f"(chance {100 / len(names):.0f}%); accuracy BEFORE {_show(before)}")
     from adapters.targets import linear_module_names, resolve_targets
 
     # The kit's presets: the language weights (every token goes through them) and the vision adapter.
@@ -134,7 +137,7 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
                                                   modules_to_save=["lm_head"]))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
     rng = random.Random(seed)
     encoded = [collator.encode(c) for c in train]  # decodes each clip once; training reads the cache
     t0, losses = time.time(), []
@@ -152,20 +155,24 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
         losses.append(loss.item())
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"[video] step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({time.time() - t0:.0f}s)")
-    after = ranking_accuracy(peft_model, collator, held_out)
-    log(f"[video] accuracy AFTER {100 * after['all']:.1f}% (first {100 * after['first']:.0f}%, last "
-        f"{100 * after['last']:.0f}%); frames decoded {collator.cache.decodes} times for "
+    after = ranking_accuracy(peft_model, collator, held_out, names=names)
+    log(f"[video] accuracy AFTER {_show(after)}; frames decoded {collator.cache.decodes} times for "
         f"{n_train + n_eval} clips over {steps} steps")
     return before, after
+
+
+def _show(acc: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items() if k != "all")
+    return f"{100 * acc['all']:.1f}% ({parts})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/video-learning", help="folder for clips, rows and the frame cache")
-    parser.add_argument("--train", type=int, default=240)
+    parser.add_argument("--train", type=int, default=480)
     parser.add_argument("--eval", type=int, default=60)
     parser.add_argument("--frames", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
