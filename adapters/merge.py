@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import extra_params
+from finetune import extra_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -241,7 +241,7 @@ def load_base(base_dir: Path, dtype: str, quantization_config: Any = None) -> An
     import torch
 
     from finetune.loading import check_checkpoint_dir
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     base_dir = check_checkpoint_dir(base_dir)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
@@ -258,7 +258,7 @@ def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_
     model = PeftModel.from_pretrained(model, str(first.adapter_dir), adapter_name=name, is_trainable=False)
     for name, src in adapters[1:]:
         model.load_adapter(str(src.adapter_dir), adapter_name=name, is_trainable=False)
-    # Bare parameters trained beside LoRA (boi/eoi, adapters/extra_params.py): kept per adapter, swapped on use.
+    # Bare parameters trained beside LoRA (boi/eoi, finetune/extra_params.py): kept per adapter, swapped on use.
     model.cogtune_extra_params = {n: extra_params.read(src.adapter_dir) for n, src in adapters}
     model.cogtune_base_params = {}
     use_adapter(model, adapters[0][0])
@@ -315,7 +315,7 @@ def probe_conversations(image: Path) -> list[Any]:
 
 def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> dict[str, Any]:
     """Probe batch built with the run's template by processing: left padded, as at generation time."""
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
 
     convs = probe_conversations(probe_image(workdir / "probe.png"))
     collator = CogVLMCollator(tokenizer, config, template_version=template, padding_side="left",

@@ -52,8 +52,8 @@ class InferenceModel:
 
     def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None,
                  tokenizer_dir: str | Path | None = None, *, force_base: bool = False, log=None):
-        from finetune.configuration_cogvlm import CogVLMConfig
         from finetune.loading import check_checkpoint_dir, require_folder
+        from finetune.models.cogvlm.configuration import CogVLMConfig
 
         self.model_dir = check_checkpoint_dir(model_dir)
         if tokenizer_dir is not None:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_new_tokens=args.max_new_tokens, image_root=args.image_root,
                           allow_outside_images=args.allow_outside_images)
         if args.report:
-            from .report import report_from_files
+            from finetune.report import report_from_files
 
             print(f"wrote report {report_from_files(args.report, args.data, args.out, metrics, args.image_root)}")
     except (ValueError, FileNotFoundError) as err:

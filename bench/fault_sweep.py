@@ -217,7 +217,7 @@ def build(sw: Sweep) -> None:
     procs = [subprocess.Popen([PY, "-m", "finetune.cli", "make-tiny", "--family", "cogvlm2", "--out",
                                str(u / "models" / name), "--seed", seed], env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT) for name, seed in (("base", "0"), ("base-seed7", "7"))]
-    from finetune.demo import write_task
+    from adapters.demo import write_task
 
     write_task(u / "data", 16, 4, 0)
     make_png(u / "data" / "img" / "ok.png")

@@ -56,7 +56,7 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
 def main(argv: list[str]) -> int:
     _, cfg = parse_recipe_args(argv, "cogtune check", __doc__.splitlines()[0])
     print("recipe: ok")
-    from adapters.targets import linear_module_names, match_report, resolve_targets
+    from finetune.targets import linear_module_names, match_report, resolve_targets
 
     from .loading import build_meta_model, check_checkpoint_dir
     from .validate import DataValidationError

@@ -34,7 +34,7 @@ import torch
 
 from data_formats.schema import Conversation, Message
 
-from .processing_cogvlm import IGNORE_INDEX, CogVLMCollator, encode_conversation
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, encode_conversation
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair
@@ -213,7 +213,7 @@ def read_pairs_or_fail(path: str, cfg: Any, log=print) -> list:
 
 
 def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg: Any, log=print) -> list[dict]:
-    from .processing_cogvlm import RowTooLong
+    from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
     for p in pairs:
@@ -244,7 +244,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     from datasets import Dataset
     from trl import DPOConfig
 
-    from adapters.lora import apply_lora
+    from finetune.lora import apply_lora
 
     from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
     from .recipe import config_hash, library_versions, write_run_json

@@ -184,8 +184,8 @@ def build_meta_model(checkpoint_dir: str | Path):
     """The model's module tree with no weights (meta device): for target reports and key checks."""
     import torch
 
-    from .configuration_cogvlm import CogVLMConfig
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models.cogvlm.configuration import CogVLMConfig
+    from .models.cogvlm.modeling import CogVLMForCausalLM
 
     path = require_folder(checkpoint_dir)
     read_checkpoint_config(path)
@@ -205,7 +205,7 @@ def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
     import torch
     from transformers import BitsAndBytesConfig
 
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models.cogvlm.modeling import CogVLMForCausalLM
 
     skip = list(getattr(CogVLMForCausalLM, "_skip_quantization_modules", ["vision", "lm_head"]))
     if quant.mode == "int8":
@@ -218,7 +218,7 @@ def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
 
 def load_config_and_tokenizer(model_cfg: ModelSection):
     """(config, tokenizer) without loading weights: cheap checks (family, tokenizer) fail before the big load."""
-    from .configuration_cogvlm import CogVLMConfig
+    from .models.cogvlm.configuration import CogVLMConfig
     from .tokenization import load_tokenizer
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
@@ -236,7 +236,7 @@ def load_config_and_tokenizer(model_cfg: ModelSection):
 
 def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
     """The model with its weights, in the recipe's dtype and (optional) 4/8-bit quantization."""
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models.cogvlm.modeling import CogVLMForCausalLM
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     dtype = resolve_dtype(model_cfg.dtype)

@@ -79,9 +79,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     import torch
     from transformers import TrainingArguments
 
-    from adapters import extra_params
-    from adapters.lora import apply_lora
-    from adapters.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
+    from finetune import extra_params
+    from finetune.lora import apply_lora
+    from finetune.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
 
     from .loading import base_fingerprint, build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory

@@ -191,7 +191,7 @@ class ExtraParamsCallback(TrainerCallback):
         self.model, self.names = model, names
 
     def on_save(self, args, state, control, **kwargs):
-        from adapters import extra_params
+        from finetune import extra_params
 
         extra_params.save(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -436,7 +436,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     `cogtune validate` (skipped in streaming mode, where rows are checked as they are read).
     """
     from .dataset import PackedDataset, build_torch_dataset, encode_jsonl
-    from .processing_cogvlm import CogVLMCollator
+    from .models.cogvlm.processing import CogVLMCollator
 
     collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
                               last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
@@ -538,7 +538,7 @@ class EvalCallback(TrainerCallback):
 
             write_atomic(self.out_dir / f"eval_predictions_step{state.global_step}.jsonl",
                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-            from adapters.report import write_eval_report
+            from finetune.report import write_eval_report
 
             write_eval_report(self.out_dir / f"eval_report_step{state.global_step}.html", self.convs, samples, metrics,
                               state.global_step)

@@ -294,7 +294,7 @@ def test_validate_and_training_see_the_scaled_16bit_image(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"images": ["g16.png"], "messages": QA}])
     convs, report = check_file(path)
     assert len(convs) == 1 and not report.errors
-    from finetune.processing_cogvlm import load_and_transform_image
+    from finetune.models.cogvlm.processing import load_and_transform_image
 
     pixels = load_and_transform_image(convs[0].images[0], 8)
     assert float(pixels.std()) > 0.5  # a ramp, not a blank (all-white) picture

@@ -193,7 +193,7 @@ def _forward_loop_answer(model, tok, conv, collator, steps: int = 4) -> str:
 
 @pytest.mark.parametrize("which", ["plain", "peft"])
 def test_generate_answers_equals_forward_loop(adapted, tiny_checkpoints, version, which):
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import load_tokenizer
 
     model = build_tiny_model(version) if which == "plain" else adapted[version][0]  # peft: what chat/predict load
@@ -217,7 +217,7 @@ def test_predict_and_chat_give_the_forward_loop_tokens(adapted, tiny_checkpoints
 
     from adapters.chat import answer
     from adapters.predict import InferenceModel, predict
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
 
     im = InferenceModel(tiny_checkpoints[1], [str(adapted[1][2])], dtype="fp32")
     template = im.template()

@@ -22,7 +22,7 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
 
     from finetune.config import QuantSection
     from finetune.loading import base_fingerprint, to_bnb_config
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.recipe import config_hash
     from finetune.tokenization import load_tokenizer
 
@@ -64,7 +64,7 @@ def runs(tiny_checkpoints, tmp_path_factory):
 
 
 def test_merge_parity_lora_and_strict_reload(runs, tiny_checkpoints, tmp_path, version, monkeypatch):
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     if version == 1:  # the fresh process (~5 s of imports) is exercised once, with CogVLM2
         monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {

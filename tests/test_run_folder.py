@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe, parse_recipe_args
-from finetune.demo import RECIPE, write_task
 from finetune.recipe import step_warnings, train
 from finetune.tiny import make_tiny
 from finetune.train_utils import (
@@ -110,7 +110,7 @@ def test_a_folder_without_kit_evidence_is_never_treated_as_a_run(task, tmp_path)
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
-    from finetune.demo import main
+    from adapters.demo import main
 
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["--out", str(tmp_path)]) == 2
@@ -388,8 +388,8 @@ def test_console_is_a_short_summary_and_the_details_go_to_the_run_folder(task, t
     assert not [m for m in messages if "checkpointing" in m and "deprecated" in m], messages
     assert not [m for m in messages if "Paged optimizers" in m], messages
     # 9.11: the trainable count is over real parameters (4-bit storage holds two per element), as `targets` says
-    from adapters.targets import linear_module_names, parameter_table, resolve_targets
     from finetune.loading import build_meta_model
+    from finetune.targets import linear_module_names, parameter_table, resolve_targets
 
     meta = build_meta_model(task[0])
     cfg = _cfg(task, tmp_path / "x")

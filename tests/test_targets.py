@@ -5,14 +5,14 @@ import re
 import pytest
 import torch
 
-from adapters.targets import (
+from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+from finetune.targets import (
     PRESETS,
     SAVE_PRESETS,
     linear_module_names,
     parameter_table,
     resolve_targets,
 )
-from finetune.modeling_cogvlm import CogVLMForCausalLM
 from finetune.tiny import tiny_config
 
 
@@ -94,7 +94,7 @@ def test_presets_are_anchored():
 
 
 def test_gradient_free_modules_really_get_no_gradient():
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     torch.manual_seed(0)
     model = CogVLMForCausalLM(tiny_config(2))

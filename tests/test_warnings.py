@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from adapters import merge as merge_mod
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
-from finetune.demo import RECIPE, write_task
 from finetune.generation import generate_answers
 from finetune.recipe import train
 from finetune.tokenization import load_tokenizer

@@ -113,7 +113,7 @@ class CogVLMConfig(PretrainedConfig):
     @property
     def image_tokens(self) -> int:
         """Length of one image's VISION span (patches after the optional 2x2 conv, plus boi and eoi)."""
-        from .families import image_token_count
+        from ...families import image_token_count
 
         vc = self.vision_config
         return image_token_count(self.cogvlm_version, vc["image_size"], vc["patch_size"])

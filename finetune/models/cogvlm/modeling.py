@@ -28,9 +28,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_cogvlm import CogVLMConfig
-from .families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
-from .token_types import build_position_ids, get_expert_mask
+from ...families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from ...token_types import build_position_ids, get_expert_mask
+from .configuration import CogVLMConfig
 
 # Modules that must never be quantized (bitsandbytes) - everything but the decoder's linears.
 FULL_PRECISION_MODULES = ("model.vision", "lm_head")
