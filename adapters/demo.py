@@ -76,7 +76,7 @@ def ranking_accuracy(model, collator, convs: list, batch_size: int = 16) -> floa
     import torch
 
     from data_formats.schema import Message
-    from finetune.train_utils import shifted_token_loss
+    from finetune.trainer import shifted_token_loss
 
     device = next(model.parameters()).device
     names = list(COLOURS)

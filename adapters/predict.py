@@ -16,18 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .merge import (
-    DTYPES,
-    AdapterSource,
-    _read_json,
-    attach_adapters,
-    check_adapters,
-    load_base,
-    load_tokenizer_for,
-    resolve_adapter,
-    stored_dtype,
-    use_adapter,
-)
+from finetune.run_folder import AdapterSource, read_json, resolve_adapter
+
+from .merge import DTYPES
+from .merge_load import attach_adapters, check_adapters, load_base, load_tokenizer_for, stored_dtype, use_adapter
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, AdapterSource]]:
@@ -68,7 +60,7 @@ class InferenceModel:
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
-        folder_meta = _read_json(self.model_dir / "cogtune.json")  # merged/quantized exports record their template
+        folder_meta = read_json(self.model_dir / "cogtune.json")  # merged/quantized exports record their template
         self.templates = {None: folder_meta.get("template_version") or self.config.template_version}
         for name, src in self.adapters:
             self.templates[name] = src.meta.get("template_version") or self.templates[None]
@@ -118,9 +110,9 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     from tqdm import tqdm
 
     from data_formats.schema import read_jsonl
+    from finetune.fileio import write_atomic
     from finetune.generation import generate_answers, score
     from finetune.loading import respect_umask
-    from finetune.train_utils import write_atomic
 
     # Test rows may end with a question (no reference); images are decoded up front so a corrupt one is
     # reported with its line before any generation runs. Warnings (e.g. duplicate ids) are shown, not fatal.

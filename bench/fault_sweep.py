@@ -747,7 +747,7 @@ def procs_mentioning(text: str) -> list[int]:
 
 def faults(sw: Sweep) -> None:
     """SIGKILLs during checkpoint saves and merges, damaged checkpoints, overwrite, convert, divergence."""
-    from finetune.train_utils import newest_complete_checkpoint
+    from finetune.run_folder import newest_complete_checkpoint
 
     u = sw.user
     runs = sw.out / "runs"

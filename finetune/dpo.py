@@ -246,9 +246,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
 
     from finetune.lora import apply_lora
 
+    from .fileio import write_atomic
     from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
-    from .recipe import config_hash, library_versions, write_run_json
-    from .train_utils import keep_4bit_layers_trainable, plot_curves, write_atomic
+    from .plots import plot_curves
+    from .run_folder import config_hash, library_versions, write_run_json
+    from .trainer import keep_4bit_layers_trainable
 
     on_gpu = torch.cuda.is_available()
     config, tokenizer = load_config_and_tokenizer(cfg.model)
@@ -260,7 +262,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     log(f"dpo: {len(train_rows)} training pairs" + (f", {len(eval_rows)} held-out pairs" if eval_rows else ""))
 
     model = load_weights(cfg.model, cfg.quant)
-    keep_4bit_layers_trainable(model)  # QLoRA: see train_utils (eval must not repack 4-bit weights)
+    keep_4bit_layers_trainable(model)  # QLoRA: see finetune/trainer.py (eval must not repack 4-bit weights)
     if cfg.dpo.start_adapter:
         from peft import PeftModel, prepare_model_for_kbit_training
 

@@ -153,7 +153,7 @@ def broken_images(tmp_path, monkeypatch):
 
 
 def test_training_validation_decodes_every_image(broken_images):
-    # what training calls (train_utils.read_conversations), with its default arguments
+    # what training calls (data_building.read_conversations), with its default arguments
     with pytest.raises(DataValidationError) as info:
         load_and_validate(broken_images)
     msg = str(info.value)
@@ -178,7 +178,7 @@ def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.train_utils import build_datasets
+    from finetune.data_building import build_datasets
 
     text = broken_images.read_text()
     broken_images.write_bytes(b"\xef\xbb\xbf" + (text + '{"id": "cut", "messages": [{"ro\n').encode())
@@ -559,7 +559,7 @@ def test_a_non_utf8_line_is_one_bad_row_that_skip_invalid_skips(tmp_path):
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.train_utils import build_datasets
+    from finetune.data_building import build_datasets
 
     path = tmp_path / "mixed.jsonl"
     good = json.dumps({"id": "ok0", "messages": TEXT}).encode()

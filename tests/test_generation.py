@@ -140,6 +140,7 @@ def test_generate_refuses_contradicting_position_ids(tiny_model):
 def adapted(tiny_checkpoints, tmp_path_factory):
     """Per version: (base + adapter as PeftModel, the merged folder loaded back, the run folder)."""
     from adapters import merge as merge_mod
+    from adapters import merge_verify
 
     from .test_merge import make_run
 
@@ -147,7 +148,7 @@ def adapted(tiny_checkpoints, tmp_path_factory):
     out = {}
     verify = merge_mod.verify_in_fresh_process
     # The fresh-process reload costs ~5 s of imports; the merge's own tests keep it. Same checks, in process.
-    merge_mod.verify_in_fresh_process = lambda f, p, d, q, log: {**merge_mod.verify_folder(f, p, d),
+    merge_mod.verify_in_fresh_process = lambda f, p, d, q, log: {**merge_verify.verify_folder(f, p, d),
                                                                   "reload_seconds": 0.0}
     try:
         for v, base in tiny_checkpoints.items():

@@ -11,7 +11,7 @@ from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
 from finetune.recipe import train
 from finetune.tiny import make_tiny
-from finetune.train_utils import guard_nonfinite
+from finetune.trainer import guard_nonfinite
 
 
 @pytest.fixture(scope="module")

@@ -118,9 +118,9 @@ def test_predict_writes_a_report(tiny_checkpoints, tmp_path, capsys):
 
 
 def test_eval_callback_writes_a_report_each_eval(tmp_path):
+    from finetune.callbacks import EvalCallback
     from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import build_tiny_tokenizer
-    from finetune.train_utils import EvalCallback
 
     from .conftest import build_tiny_model
 

@@ -13,15 +13,11 @@ from transformers import TrainerCallback
 
 from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe, parse_recipe_args
+from finetune.fileio import write_atomic
 from finetune.recipe import step_warnings, train
+from finetune.run_folder import MANIFEST, checkpoint_problem, newest_complete_checkpoint
 from finetune.tiny import make_tiny
-from finetune.train_utils import (
-    MANIFEST,
-    DivergedError,
-    checkpoint_problem,
-    newest_complete_checkpoint,
-    write_atomic,
-)
+from finetune.trainer import DivergedError
 
 from .test_recipe import _StopAt
 
@@ -258,7 +254,7 @@ def test_nonfinite_weights_are_never_saved(task, tmp_path):
 
 
 def test_log_reports_finite_mean_only():
-    from finetune.train_utils import GuardedTrainer
+    from finetune.trainer import GuardedTrainer
 
     trainer = GuardedTrainer.__new__(GuardedTrainer)
     trainer._int_sum, trainer._int_tokens, trainer._int_skipped = torch.tensor(12.0), torch.tensor(4), 3
@@ -345,7 +341,7 @@ def test_qlora_trains_after_evaluation_exactly_as_without_it(task, tmp_path):
 def test_4bit_layers_stay_on_the_training_kernel_after_eval(task):
     from finetune.config import ModelSection, QuantSection
     from finetune.loading import load_weights
-    from finetune.train_utils import keep_4bit_layers_trainable
+    from finetune.trainer import keep_4bit_layers_trainable
 
     model = load_weights(ModelSection(checkpoint_dir=str(task[0]), dtype="float32"),
                          QuantSection(mode="nf4", bnb_4bit_compute_dtype="float32"))
@@ -415,7 +411,7 @@ def test_progress_line_with_eta_and_throughput_in_tensorboard(task, tmp_path):
 
 
 def test_tokens_per_s_is_smoothed():
-    from finetune.train_utils import GuardedTrainer
+    from finetune.trainer import GuardedTrainer
 
     trainer = GuardedTrainer.__new__(GuardedTrainer)
     trainer._log_t, trainer._log_tokens, trainer._tok_rate, trainer.eval_seconds = None, 0, None, 0.0
@@ -425,7 +421,7 @@ def test_tokens_per_s_is_smoothed():
         t += dt
         trainer.tokens_seen = seen
         logs = {}
-        import finetune.train_utils as tu
+        import finetune.trainer as tu
 
         real = tu.time.time
         tu.time.time = lambda t=t: t
