@@ -80,7 +80,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     from finetune import extra_params
     from finetune.lora import apply_lora
-    from finetune.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
+    from finetune.targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
     from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
     from .data_building import SkipBadImages, build_datasets
@@ -99,10 +99,10 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Memory plan (meta device: shapes only, before any weight is loaded) ----
     meta = build_meta_model(cfg.model.checkpoint_dir)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     matched = [n for hit in matches.values() for n in hit]
     modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
-    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules) + bare)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules, meta) + bare)
     dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
     memory = plan_memory(meta, cfg, lora_n, full_n, dtype_name, lora_in_features=in_features, on_gpu=on_gpu)

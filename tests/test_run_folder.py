@@ -385,11 +385,11 @@ def test_console_is_a_short_summary_and_the_details_go_to_the_run_folder(task, t
     assert not [m for m in messages if "Paged optimizers" in m], messages
     # 9.11: the trainable count is over real parameters (4-bit storage holds two per element), as `targets` says
     from finetune.loading import build_meta_model
-    from finetune.targets import linear_module_names, parameter_table, resolve_targets
+    from finetune.targets import parameter_table, resolve_targets
 
     meta = build_meta_model(task[0])
     cfg = _cfg(task, tmp_path / "x")
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     table = parameter_table(meta, [n for h in matches.values() for n in h], cfg.lora.r)
     summary = table.splitlines()[-1].removeprefix("trainable: ")
     assert f"trainable {summary}" in text
