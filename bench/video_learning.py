@@ -128,11 +128,10 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     before = ranking_accuracy(model, collator, held_out, names=names)
     log(f"[video] {n_train} training / {n_eval} held-out clips, {frames} frames each, {len(names)} colours "
         f"(chance {100 / len(names):.0f}%); accuracy BEFORE {_show(before)}")
-    from adapters.targets import linear_module_names, resolve_targets
+    from finetune.targets import resolve_targets
 
     # The kit's presets: the language weights (every token goes through them) and the vision adapter.
-    pattern, _, _ = resolve_targets(["language_expert", "glu_adapter"], [n for n, _ in model.named_modules()],
-                                    linear_module_names(model))
+    pattern, _, _ = resolve_targets(["language_expert", "glu_adapter"], model)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=pattern,
                                                   modules_to_save=["lm_head"]))
     params = [p for p in peft_model.parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .configuration_cogvlm import CogVLMConfig
+from .models.cogvlm.configuration import CogVLMConfig
 
 FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2, "cogvlm2-video": 2}
 # Families that differ from their version's default only by config fields (docs/architecture.md §21).
@@ -84,14 +84,14 @@ def make_tiny(version: int, out_dir: str | Path, seed: int = 0, **overrides: Any
     import torch
     from transformers import GenerationConfig
 
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models import model_class_for
     from .tokenization import build_tiny_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(version, **overrides)
     torch.manual_seed(seed)
-    model = CogVLMForCausalLM(config).eval()
+    model = model_class_for(config)(config).eval()  # the family's class (CogVLM2-Video: no vision experts)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

@@ -136,7 +136,7 @@ def test_chat_layout_has_time_indices_and_base_is_one_run():
     pos = build_position_ids(torch.tensor([types]))[0].tolist()
     assert pos[:20] == [0, 1] + [2] * 16 + [3, 4]  # the whole video costs 3 position ids
     # truncation never cuts the video
-    from finetune.processing_cogvlm import RowTooLong
+    from finetune.models.cogvlm.processing import RowTooLong
 
     with pytest.raises(RowTooLong, match="18 tokens of video"):
         encode_video_conversation(conv, tok, n_frames=3, frame_tokens=6, template_version="base", max_length=20)

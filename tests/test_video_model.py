@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from finetune.configuration_cogvlm import CogVLMConfig
-from finetune.modeling_cogvlm import CogVLMForCausalLM
+from finetune.models.cogvlm.configuration import CogVLMConfig
+from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 from finetune.models.cogvlm2_video.configuration import CogVLMVideoConfig, tiny_video_config
 from finetune.models.cogvlm2_video.modeling import CogVLMVideoForCausalLM, refuse_vision_expert_targets
 from tests.conftest import REFERENCE
@@ -58,8 +58,16 @@ def test_saved_video_config_stays_official(tmp_path):
 
 
 def test_target_presets_refuse_vision_expert_with_reason():
-    refuse_vision_expert_targets(["language_expert_query_key_value", "language_mlp.gate_proj"])
-    with pytest.raises(ValueError, match="no vision-expert weights.*language_expert"):
+    from finetune.targets import resolve_targets
+
+    model = CogVLMVideoForCausalLM(tiny_video_config())
+    _, matches, skipped = resolve_targets(["language_expert", "glu_adapter"], model)
+    assert len(matches["language_expert_attn"]) == 2 * 2 and len(matches["language_expert_mlp"]) == 2 * 3
+    assert not skipped  # no gradient-free vision-expert modules to leave out
+    for name in ("vision_expert_attn", "vision_expert", "experts"):
+        with pytest.raises(ValueError, match=f"'{name}': CogVLM2-Video has no vision-expert weights.*language_expert"):
+            resolve_targets([name, "language_expert"], model)
+    with pytest.raises(ValueError, match="no vision-expert weights"):
         refuse_vision_expert_targets(["vision_expert_query_key_value", "language_expert_dense"])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...configuration_cogvlm import CogVLMConfig
+from ..cogvlm.configuration import CogVLMConfig
 
 ARCHITECTURE = "CogVLMVideoForCausalLM"
 

@@ -1,6 +1,6 @@
 """CogVLM2-Video model: the CogVLM2 decoder and vision tower with `vision_expert=False` (docs/architecture.md §21).
 
-Everything is the CogVLM2 code in finetune/modeling_cogvlm.py; the family differs only in data:
+Everything is the CogVLM2 code in finetune/models/cogvlm/modeling.py; the family differs only in data:
 
 * no `vision_expert_*` / `vision_mlp` modules: every token, frame tokens included, goes through the language
   weights (1029 checkpoint keys, 12.508 B parameters);
@@ -12,13 +12,25 @@ Everything is the CogVLM2 code in finetune/modeling_cogvlm.py; the family differ
 
 from __future__ import annotations
 
-from ...modeling_cogvlm import CogVLMForCausalLM
+from ...targets import TargetSpec
+from ..cogvlm.modeling import COGVLM_TARGETS, CogVLMForCausalLM
 from .configuration import ARCHITECTURE, CogVLMVideoConfig
 
-# Names a LoRA target may not use on this family, with the reason (finetune.models.cogvlm2_video.targets).
 NO_VISION_EXPERT = (
     "CogVLM2-Video has no vision-expert weights: every token, video frames included, goes through the "
-    "language_expert_* / language_mlp weights. Target those (the 'language' preset) instead of vision_expert*."
+    "language_expert_* / language_mlp weights (docs/architecture.md §21). Target language_expert (and "
+    "glu_adapter) instead of vision_expert*."
+)
+# The CogVLM presets minus everything of the vision expert, which this family does not have; those names (and
+# the `experts` group, which includes them) are refused with the reason instead of "matches no module".
+_REFUSED = ("vision_expert_attn", "vision_expert_mlp", "vision_expert", "experts")
+VIDEO_TARGETS = TargetSpec(
+    presets={k: v for k, v in COGVLM_TARGETS.presets.items() if k not in _REFUSED},
+    groups={k: v for k, v in COGVLM_TARGETS.groups.items() if k not in _REFUSED},
+    save_presets=dict(COGVLM_TARGETS.save_presets),
+    components=[(label, pattern) for label, pattern in COGVLM_TARGETS.components if "vision expert" not in label],
+    gradient_free_in_last_layer="",  # every module of the last layer feeds the text positions
+    refused={name: NO_VISION_EXPERT for name in _REFUSED},
 )
 
 
@@ -26,6 +38,7 @@ class CogVLMVideoForCausalLM(CogVLMForCausalLM):
     """The official `CogVLMVideoForCausalLM` checkpoints, loaded strictly (same keys, no renaming)."""
 
     config_class = CogVLMVideoConfig
+    target_spec = VIDEO_TARGETS
 
     def __init__(self, config: CogVLMVideoConfig) -> None:
         if config.vision_expert:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...families import CLIP_MEAN, CLIP_STD, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
-from ...processing_cogvlm import IGNORE_INDEX, CogVLMCollator, EncodedExample, RowTooLong, encode_conversation
+from ..cogvlm.processing import IGNORE_INDEX, CogVLMCollator, EncodedExample, RowTooLong, encode_conversation
 from .video import FrameCache, FrameSampling, VideoDecodeError, default_cache_dir, probe_video, sample_indices
 
 if TYPE_CHECKING:
