@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from finetune.config import load_recipe
 from adapters.demo import RECIPE
+from finetune.config import load_recipe
 from finetune.models.cogvlm2_video.video import write_test_video
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}

@@ -659,9 +659,10 @@ class CogVLMModel(CogVLMPreTrainedModel):
                 inputs_embeds = self.embed_tokens(input_ids)
 
         real = attention_mask[:, -n:] != 0 if attention_mask is not None and attention_mask.dim() == 2 else None
-        # Without vision-expert weights every token, image ones included, uses the language weights (§21).
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device), real) \
-            if self.config.vision_expert else ExpertRouting()
+        types = new_types.to(inputs_embeds.device)
+        if not self.config.vision_expert:  # every real token, image ones included, uses the language weights (§21)
+            types = torch.full_like(types, LANGUAGE_TOKEN_TYPE)
+        routing = ExpertRouting.from_token_types(types, real)
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
         # Packed rows at prefill/training attend per segment (no L x L mask); with a cache, the mask path.
