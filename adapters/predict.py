@@ -77,6 +77,12 @@ class InferenceModel:
         use_adapter(self.model, name)
         self.active = name
 
+    def processor(self, template: str) -> Any:
+        """The processor that prompts the loaded model with `template` (its tokenizer, image span and transform)."""
+        from finetune.models.cogvlm.processing import CogVLMProcessor
+
+        return CogVLMProcessor.from_config(self.config, self.tokenizer, template_version=template)
+
     def template(self, requested: str | None = None, warn=None) -> str:
         """The active adapter's stored template; a different `requested` one is used with a warning."""
         stored = self.templates[self.active]
@@ -129,8 +135,8 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     tmpl = im.template(template)
     log(f"predict: {len(convs)} rows, adapter {im.active or 'none'}, template '{tmpl}', batch size {batch_size}")
     with tqdm(total=len(convs), desc="predict", unit="row") as bar:
-        answers = generate_answers(im.model, im.tokenizer, convs, template_version=tmpl,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar.update)
+        answers = generate_answers(im.model, im.processor(tmpl), convs, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=bar.update)
     rows = []
     for conv, answer in zip(convs, answers):
         row = {"id": conv.id, "prediction": answer}
