@@ -32,7 +32,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -174,7 +174,7 @@ class EncodedExample:
         """The per-example value of model input `name` (a field, else an `extra` entry)."""
         if name in self.extra:
             return self.extra[name]
-        if name in _EXAMPLE_FIELDS:
+        if name in _FIELD_NAMES:
             return getattr(self, name)
         raise KeyError(f"example {self.id!r} has no value for model input {name!r}; the processor's encode() "
                        "must fill it (EncodedExample.extra)")
@@ -184,7 +184,7 @@ class EncodedExample:
                 "images": list(self.images), "dropped_turns": self.dropped_turns, "id": self.id, **self.extra}
 
 
-_EXAMPLE_FIELDS = ("input_ids", "token_type_ids", "labels", "images")
+_FIELD_NAMES = frozenset(f.name for f in fields(EncodedExample))
 
 
 class _Piece:
@@ -573,7 +573,7 @@ class CogVLMProcessor:
 
     def example_from_dict(self, row: dict[str, Any]) -> EncodedExample:
         """A dataset row (the example columns) back as an `EncodedExample`."""
-        extra = {n: row[n] for n in self.example_input_names if n not in _EXAMPLE_FIELDS}
+        extra = {n: row[n] for n in self.example_input_names if n not in _FIELD_NAMES}
         return EncodedExample(list(row["input_ids"]), list(row["token_type_ids"]), list(row["labels"]),
                               list(row.get("images") or []), int(row.get("dropped_turns") or 0),
                               str(row.get("id") or ""), extra)
