@@ -1,8 +1,10 @@
-"""Conversation -> model inputs: prompt templates, image spans, labels, image transform, collator, packing.
+"""Conversation -> model inputs: prompt templates, image spans, labels, image transform, processor, collator, packing.
 
-Pure functions of (tokenizer, config, conversation); no model import (docs/conventions.md §4). The same
-`encode_conversation` serves training and inference, so a fine-tuned model sees at inference exactly
-the tokens it was trained on (docs/architecture.md §19.7, §19.9).
+Pure functions of (tokenizer, config, conversation); no model code runs here (docs/conventions.md §4: the
+processor only reads the model class's `model_input_names`, imported lazily). `CogVLMProcessor` holds every
+encoding setting and is saved beside adapters and merged models, and the same `encode` serves training and
+inference, so a fine-tuned model sees at inference exactly the tokens it was trained on
+(docs/architecture.md §19.7, §19.9).
 
 Sequence layout (docs/architecture.md §15; a bare "§N" in this file is a section of that document)::
 
