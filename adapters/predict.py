@@ -57,6 +57,12 @@ class InferenceModel:
         config = CogVLMConfig.from_pretrained(str(self.model_dir), local_files_only=True)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
+        from finetune.models.cogvlm.processing import CogVLMProcessor
+
+        # the encoding each was trained with (processor_config.json beside a merged model or an adapter)
+        self.processor_settings = {None: CogVLMProcessor.read_settings(self.model_dir)}
+        for name, src in self.adapters:
+            self.processor_settings[name] = CogVLMProcessor.read_settings(src.adapter_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
@@ -78,10 +84,12 @@ class InferenceModel:
         self.active = name
 
     def processor(self, template: str) -> Any:
-        """The processor that prompts the loaded model with `template` (its tokenizer, image span and transform)."""
+        """The processor that prompts the active adapter (or the model) with `template`: the settings saved
+        beside it, the loaded tokenizer, the checkpoint's image span and transform."""
         from finetune.models.cogvlm.processing import CogVLMProcessor
 
-        return CogVLMProcessor.from_config(self.config, self.tokenizer, template_version=template)
+        saved = self.processor_settings[self.active]
+        return CogVLMProcessor.from_config(self.config, self.tokenizer, **{**saved, "template_version": template})
 
     def template(self, requested: str | None = None, warn=None) -> str:
         """The active adapter's stored template; a different `requested` one is used with a warning."""

@@ -2,10 +2,9 @@
 
 Why `datasets`: tokenization is cached on disk (Arrow) keyed by a fingerprint of everything that changes
 the tokens (source file and the processor's `fingerprint()`: tokenizer, template, max_length, label mode, image
-span), so a restart or a second
-run skips it; `streaming=True` reads files too large to encode up front. Images stay references until a
-DataLoader worker asks for the item (docs/architecture.md §19.10): nothing is decoded in the main process and nothing
-is moved to a device here.
+span), so a restart or a second run skips it; `streaming=True` reads files too large to encode up front.
+Images stay references until a DataLoader worker asks for the item (docs/architecture.md §19.10): nothing is
+decoded in the main process and nothing is moved to a device here.
 """
 
 from __future__ import annotations

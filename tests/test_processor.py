@@ -130,6 +130,7 @@ def test_adapter_export_and_merged_folders_encode_alike(tiny_checkpoints, tmp_pa
     for folder in (run / "adapter", merged, exported):
         assert (folder / PROCESSOR_CONFIG).is_file(), folder
     from_adapter = CogVLMProcessor.from_pretrained(run / "adapter")
+    assert CogVLMProcessor.from_pretrained(run).settings() == from_adapter.settings()  # a run folder: its adapter's
     from_merged = CogVLMProcessor.from_pretrained(merged)
     from_export = CogVLMProcessor.from_pretrained(exported)
     assert from_adapter.settings() == from_merged.settings() == from_export.settings()

@@ -477,13 +477,15 @@ class CogVLMProcessor:
                         **overrides: Any) -> CogVLMProcessor:
         """The processor saved in `folder` (processor_config.json + tokenizer), else built from its config.json.
 
-        Works on a checkpoint, a run's adapter/ folder, an adapter export and a merged model: settings come
+        Works on a checkpoint, a run folder (its adapter/), an adapter export and a merged model: settings come
         from config.json (when there), then processor_config.json, then `overrides` (None values ignored).
         The tokenizer is `folder`'s (or `tokenizer_dir`'s), loaded by `finetune.tokenization.load_tokenizer`.
         """
         from ...tokenization import load_tokenizer
 
         folder = Path(folder)
+        if not (folder / PROCESSOR_CONFIG).is_file() and (folder / "adapter" / PROCESSOR_CONFIG).is_file():
+            folder = folder / "adapter"  # a run folder: its adapter's processor
         saved = cls.read_settings(folder)
         config = None
         if (folder / "config.json").is_file():
