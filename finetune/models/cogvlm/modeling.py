@@ -761,6 +761,9 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
 class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
+    # The inputs a batch carries, declared once: the collator's output keys, the dataset's columns, generation's
+    # inputs and the merge probes all read this (labels are the loss target, not an input).
+    model_input_names: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "images")
     _tied_weights_keys: dict[str, str] = {}
     # What the kit reads off the class instead of hard-coding module names elsewhere (docs/adding-a-family.md).
     target_spec: TargetSpec = COGVLM_TARGETS
