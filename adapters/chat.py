@@ -99,14 +99,15 @@ def answer(im: InferenceModel, image: str | None, history: list[tuple[str, str]]
 
     messages = [Message(role, text) for q, a in history for role, text in (("user", q), ("assistant", a))]
     media = [str(Path(image).resolve())] if image else []
-    video = not getattr(im.model.config, "vision_expert", True)  # CogVLM2-Video: the file is a video (§21)
+    processor = im.processor(template)
+    video = getattr(processor, "media", "image") == "video"  # CogVLM2-Video's processor: the file is a video
     conv = Conversation("chat", [] if video else media, messages + [Message("user", prompt)],
                         videos=media if video else [])
     streamer = _streamer(im.tokenizer, stream, stop_on_repetition)
     try:
         with quiet_libraries():
-            return generate_answers(im.model, im.tokenizer, [conv], template_version=template,
-                                    max_new_tokens=max_new_tokens, stream=streamer)[0]
+            return generate_answers(im.model, processor, [conv], max_new_tokens=max_new_tokens,
+                                    stream=streamer)[0]
     except RepetitionStop:
         (write or _note)(f"[stopped after {len(streamer.generated)} tokens: the answer repeats itself "
                          "(--no-repetition-stop lets it run to --max-new-tokens)]")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.video:
             check_video(args.video, args.image)
         im = InferenceModel(args.model, args.adapter, args.dtype, args.tokenizer_dir, force_base=args.force_base)
-        if args.video and getattr(im.model.config, "vision_expert", True):
+        if args.video and getattr(im.processor_class, "media", "image") != "video":
             raise ValueError(f"--video needs a CogVLM2-Video model; {args.model} is an image model (use --image)")
         args.image = args.video or args.image
         if args.use:

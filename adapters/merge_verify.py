@@ -60,7 +60,8 @@ def probe_image(path: Path, size: int = 64) -> Path:
 def probe_conversations(image: Path, video: bool = False) -> list[Any]:
     """Two image questions and one text-only row, so both experts and left padding are exercised.
 
-    `video` (CogVLM2-Video): the two questions are about clips beside the image, 3 and 2 frames long."""
+    `video` (a video processor, CogVLM2-Video): the two questions are about clips beside the image, 3 and 2
+    frames long."""
     from data_formats.schema import Conversation, Message
 
     if video:
@@ -78,28 +79,34 @@ def probe_conversations(image: Path, video: bool = False) -> list[Any]:
     return rows
 
 
-def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> dict[str, Any]:
-    """Probe batch built with the run's template by processing: left padded, as at generation time."""
-    from finetune.models.cogvlm2_video.processing import collator_class
+def build_probe(processor: Any, workdir: Path) -> dict[str, Any]:
+    """Probe batch built by the run's processor (template, image span, transform): left padded, as at generation
+    time, holding every input generate() takes (`model_input_names`, less what the model derives itself)."""
+    from finetune.generation import generation_input_names
+    from finetune.models.cogvlm.processing import CogVLMCollator
 
-    video = not getattr(config, "vision_expert", True)
-    convs = probe_conversations(probe_image(workdir / "probe.png"), video)
-    extra = {"cache_dir": workdir / "frames"} if video else {}
-    collator = collator_class(config)(tokenizer, config, template_version=template, padding_side="left",
-                                      add_generation_prompt=True, **extra)
+    convs = probe_conversations(probe_image(workdir / "probe.png"), is_video(processor))
+    collator = CogVLMCollator(processor.with_settings(max_length=None), padding_side="left",
+                              add_generation_prompt=True)
     batch = collator(convs)
-    return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
+    return {k: batch[k] for k in generation_input_names(processor.model_input_names)}
 
 
-PROBE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "images", "reference")
+def is_video(processor: Any) -> bool:
+    """Whether the processor takes videos (its family's media), so the probe rows must carry clips."""
+    return getattr(processor, "media", "image") == "video"
+
+
+def probe_keys(probe: dict[str, Any]) -> tuple[str, ...]:
+    """What a probe file stores: the probe's model inputs (None ones left out) and the reference logits."""
+    return (*(k for k, v in probe.items() if v is not None and k != "reference"), "reference")
 
 
 def save_probe(path: Path, probe: dict[str, Any], reference: Any, template: str) -> None:
     """Probe batch + reference logits as safetensors: the verifying process never unpickles anything."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.contiguous() for k, v in {**probe, "reference": reference}.items()
-               if k in PROBE_KEYS and v is not None}
+    tensors = {k: v.contiguous() for k, v in {**probe, "reference": reference}.items() if k in probe_keys(probe)}
     save_file(tensors, str(path), metadata={"template": template})
 
 
@@ -113,7 +120,7 @@ def load_probe(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"probe {path} is not a safetensors probe written by merge ({err}); "
                          "it was not loaded") from None
-    return {"images": None, **tensors}
+    return tensors  # a model input absent here (a text-only probe's images) is None for prepare_batch
 
 
 def probe_logits(model: Any, probe: dict[str, Any]) -> Any:
@@ -196,19 +203,18 @@ def tie_to_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
 
 
 def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
-    """Load `folder` as a user would (strict keys, its tokenizer, its cogtune.json template); compare; generate."""
+    """Load `folder` as a user would (strict keys, its processor: tokenizer, processor_config.json, else the
+    cogtune.json template); compare; generate."""
     from finetune.generation import generate_answers
-    from finetune.tokenization import load_tokenizer
+    from finetune.models import processor_class_for
 
     probe = load_probe(probe_file)  # first: a bad probe fails before the model loads
     model = load_base(folder, dtype)  # quantized folders carry their quantization_config
-    tokenizer = load_tokenizer(folder, None, model.config)
+    processor = processor_class_for(model.config).from_pretrained(
+        folder, template_version=read_json(folder / "cogtune.json").get("template_version"))
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
-    template = read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
-    video = not getattr(model.config, "vision_expert", True)
-    convs = probe_conversations(Path(probe_file).with_name("probe.png"), video)
-    stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
-                                             max_new_tokens=8)[0]
+    convs = probe_conversations(Path(probe_file).with_name("probe.png"), is_video(processor))
+    stats["probe_answer"] = generate_answers(model, processor, convs[:1], max_new_tokens=8)[0]
     return stats
 
 

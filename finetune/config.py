@@ -56,6 +56,8 @@ class DataSection:
     num_workers: int = _f(2, "DataLoader workers that decode and resize images")
     num_frames: int | None = _f(None, "video models: frames sampled per video (default 24, the official demo's)")
     fps: float | None = _f(None, "video models, chat template: frames per second of video (default 1)")
+    feature_cache: str | None = _f(None, "folder caching each image's frozen vision-tower features across epochs, "
+                                         "evaluation and runs (finetune/feature_cache.py); None = recompute")
 
 
 @dataclass

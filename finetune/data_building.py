@@ -32,6 +32,27 @@ class SkipBadImages(torch.utils.data.Dataset):
         raise ValueError("64 rows in a row have images that cannot be decoded; run `cogtune validate` on the data")
 
 
+# Recipe keys that are settings of some families' processors only (data.X -> processor setting X).
+FAMILY_DATA_SETTINGS = ("num_frames", "fps")
+
+
+def processor_for_recipe(cfg, config, tokenizer):
+    """The processor a recipe trains with: the family's processor class (finetune/models FAMILIES), the
+    checkpoint's image span and prompt table, the recipe's template (default: the checkpoint's), max_length,
+    label mode and multi-image setting, plus the family's own data settings (video: data.num_frames, data.fps)."""
+    from .models import processor_class_for
+
+    cls = processor_class_for(config)
+    extra = {k: getattr(cfg.data, k) for k in FAMILY_DATA_SETTINGS if getattr(cfg.data, k, None) is not None}
+    unused = sorted(k for k in extra if k not in cls.SETTINGS)
+    if unused:
+        raise ValueError(f"{', '.join('data.' + k for k in unused)}: not a setting of {cls.__name__} (video models "
+                         "only); remove it from the recipe")
+    return cls.from_config(config, tokenizer, template_version=cfg.data.template_version,
+                           max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
+                           allow_multi_image=cfg.data.allow_multi_image, **extra)
+
+
 def read_conversations(path: str, image_root: str | None, cfg, log=print) -> list:
     """Rows of a cogtune JSONL through the same validation as `cogtune validate`.
 
@@ -48,40 +69,34 @@ def read_conversations(path: str, image_root: str | None, cfg, log=print) -> lis
     return convs
 
 
-def build_datasets(cfg, tokenizer, config, template: str, log=print):
+def build_datasets(cfg, processor, log=print):
     """(train dataset, eval examples or None, eval conversations, collator).
+
+    `processor` (a `CogVLMProcessor` with the recipe's template, max_length, label mode and multi-image
+    setting: `processor_for_recipe`) encodes every row and transforms every image.
 
     Training rows go through `datasets` (finetune/dataset.py): tokenization cached on disk, images decoded
     lazily in DataLoader workers, optional streaming. Before that the whole file is validated like
     `cogtune validate` (skipped in streaming mode, where rows are checked as they are read).
     """
     from .dataset import PackedDataset, build_torch_dataset, encode_jsonl
-    from .models.cogvlm2_video.processing import VideoFrameLoader, collator_class, video_settings
+    from .models.cogvlm.processing import CogVLMCollator
 
-    # CogVLM2-Video: rows carry a video; frames sampled per data.num_frames / data.fps (docs/architecture.md §21)
-    video = video_settings(config, template, cfg.data.num_frames, cfg.data.fps)
-    extra = {} if video is None else {"num_frames": video["num_frames"], "fps": video["fps"]}
-    collator = collator_class(config)(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
-                                      last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
-                                      allow_multi_image=cfg.data.allow_multi_image, **extra)
+    collator = CogVLMCollator(processor, packing=cfg.data.packing)
     if cfg.data.streaming:
         log("data.streaming: rows are validated as they are read; invalid or too-long rows are skipped without "
             "an up-front count (run `cogtune validate` on the file first)")
     else:
         read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
-    settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
-                    max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
-                    allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root,
-                    allow_outside_images=cfg.data.allow_outside_images, video_sampling=video)
-    encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
+    settings = dict(image_root=cfg.data.image_root, allow_outside_images=cfg.data.allow_outside_images)
+    encoded, stats = encode_jsonl(cfg.data.train_path, processor, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")
         for line in stats.examples:
             log(f"  skipped: {line}")
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
-    size = int(config.vision_config["image_size"])
-    train = build_torch_dataset(encoded, size, None if video is None else VideoFrameLoader(video, size))
+    train = build_torch_dataset(encoded, processor)
     if cfg.data.packing and not cfg.data.streaming:  # plan packs over the whole dataset (see PackedDataset)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         train = PackedDataset(train, lengths, cfg.data.max_length)
@@ -90,7 +105,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     eval_convs, eval_examples = [], None
     if cfg.data.eval_path:
         eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)
-        encoded_eval, eval_stats = encode_jsonl(cfg.data.eval_path, tokenizer, **settings)
+        encoded_eval, eval_stats = encode_jsonl(cfg.data.eval_path, processor, **settings)
         log(f"eval: {eval_stats}")
         eval_examples = list(encoded_eval)  # small: rows as dicts for the token-weighted eval loss
     return train, eval_examples, eval_convs, collator

@@ -226,6 +226,7 @@ class ModelInfo:
     template_version: str
     tokenizer: Any = None
     tokenizer_note: str = ""
+    processor: Any = None  # the family's processor when there is a tokenizer: what token counts encode with
     video: bool = False  # CogVLM2-Video: rows carry a video, each sampled frame is one image span
 
 
@@ -248,6 +249,10 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             info.tokenizer = load_tokenizer(folder, tokenizer_dir, config=cfg)
         except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            from finetune.models import processor_class_for
+
+            info.processor = processor_class_for(cfg).from_config(cfg, info.tokenizer, template_version=template)
         return info
     from finetune.families import FAMILIES, get_family
 
@@ -263,6 +268,13 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             info.tokenizer = load_tokenizer(tokenizer_dir, tokenizer_dir)
         except (OSError, ValueError) as exc:
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            from finetune.models import FAMILIES as MODEL_FAMILIES
+            from finetune.models import processor_class
+
+            cls = processor_class(MODEL_FAMILIES["cogvlm2_video" if info.video else "cogvlm"])
+            info.processor = cls(info.tokenizer, image_tokens=spec.image_tokens, image_size=spec.image_size,
+                                 template_version=info.template_version)
     else:
         info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
                               f"a checkpoint folder as --model. {spec.tokenizer_note}")
@@ -274,36 +286,25 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
-                 max_images: int | None, videos: dict[str, Any] | None = None,
-                 sampling: Any = None) -> tuple[list[str], list[Problem]]:
+                 max_images: int | None) -> tuple[list[str], list[Problem]]:
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
-    from finetune.models.cogvlm.processing import RowTooLong, encode_conversation
-
-    # A video row's length depends on how many frames the sampling keeps (docs/architecture.md §21).
-    if info.video:
-        from finetune.models.cogvlm2_video.processing import encode_video_conversation
-        from finetune.models.cogvlm2_video.validation import frames_seen
-
-        def encode_conversation(conv, tokenizer, max_length=None, **_):  # noqa: F811 - same call, video layout
-            n = frames_seen(videos[conv.videos[0]], sampling) if conv.videos and videos else 0
-            return encode_video_conversation(conv, tokenizer, n_frames=n, frame_tokens=info.image_tokens,
-                                             template_version=info.template_version, max_length=max_length)
+    from finetune.models.cogvlm.processing import RowTooLong
 
     lengths: list[int] = []
     truncated = dropped = 0
     problems: list[Problem] = []
-    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
-                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
+    full = info.processor.with_settings(allow_multi_image=max_images is None or max_images > 1, max_length=None)
+    cut = full.with_settings(max_length=max_length)
     for conv in convs:
         try:
-            n = len(encode_conversation(conv, info.tokenizer, **kwargs).input_ids)
+            n = len(full.encode(conv).input_ids)
         except ValueError as exc:
             problems.append(Problem(conv.source, "row", f"cannot be encoded: {exc}", "", "error", "encode error"))
             continue
         lengths.append(n)
         if max_length is not None and n > max_length:
             try:
-                encode_conversation(conv, info.tokenizer, max_length=max_length, **kwargs)
+                cut.encode(conv)
                 truncated += 1
             except RowTooLong:
                 dropped += 1
@@ -359,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
 
         sampling = FrameSampling.for_template(info.template_version, args.num_frames, args.fps)
         lines += video_report_lines(report.videos, sampling, info.image_tokens)
+        if info.processor is not None:  # a video row's length depends on the frames the sampling keeps (§21)
+            info.processor = info.processor.with_settings(num_frames=sampling.num_frames, fps=sampling.fps)
     if info.tokenizer is not None and convs:
-        token_lines, encode_problems = token_report(convs, info, args.max_length, max_images, report.videos, sampling)
+        token_lines, encode_problems = token_report(convs, info, args.max_length, max_images)
         lines += token_lines
         report.problems.extend(encode_problems)
         report.valid -= len(encode_problems)

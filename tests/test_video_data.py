@@ -11,10 +11,11 @@ import torch
 
 from data_formats.schema import Conversation, Message, read_jsonl
 from finetune.families import CLIP_MEAN, CLIP_STD
+from finetune.models.cogvlm.processing import CogVLMCollator
 from finetune.models.cogvlm2_video.configuration import tiny_video_config
 from finetune.models.cogvlm2_video.modeling import CogVLMVideoForCausalLM
 from finetune.models.cogvlm2_video.processing import (
-    CogVLMVideoCollator,
+    CogVLMVideoProcessor,
     encode_video_conversation,
     transform_video,
     video_span,
@@ -151,7 +152,8 @@ def test_collator_batches_videos_of_different_lengths_like_one_at_a_time(tmp_pat
     b = write_test_video(tmp_path / "b.mp4", [WHITE], fps=1)
     rows = [Conversation(str(i), [], [Message("user", "What colour comes first?"), Message("assistant", ans)],
                          videos=[str(p)]) for i, (p, ans) in enumerate([(a, "red"), (b, "white")])]
-    collator = CogVLMVideoCollator(tok, config, template_version="chat", cache_dir=tmp_path / "cache")
+    processor = CogVLMVideoProcessor.from_config(config, tok, template_version="chat", cache_dir=tmp_path / "cache")
+    collator = CogVLMCollator(processor)
     batch = collator(rows)
     assert batch["images"].shape == (3 + 1, 3, 56, 56)
     assert int((batch["token_type_ids"] == 1).sum()) == 4 * config.image_tokens
@@ -162,7 +164,65 @@ def test_collator_batches_videos_of_different_lengths_like_one_at_a_time(tmp_pat
             alone = model(**{k: v for k, v in one.items() if k != "position_ids"}, loss_only=False)
             n = one["input_ids"].shape[1]
             torch.testing.assert_close(out.logits[r, :n], alone.logits[0], atol=1e-5, rtol=1e-5)
-    assert collator.cache.decodes == 2  # encoding and loading share one decode per video
+    assert processor.cache.decodes == 2  # encoding reads timestamps only; each video is decoded once
+
+
+def test_video_processor_settings_saved_fingerprinted_and_in_the_family_table(tmp_path):
+    import pickle
+
+    from finetune.models import FAMILIES, processor_class_for
+    from finetune.models.cogvlm2_video.configuration import CogVLMVideoConfig
+
+    tok = build_tiny_tokenizer(2)
+    config = tiny_video_config(template_version="chat")
+    assert processor_class_for(config) is CogVLMVideoProcessor
+    assert FAMILIES["cogvlm2_video"].processor_class.endswith(":CogVLMVideoProcessor")
+    assert CogVLMVideoProcessor.model_class() is CogVLMVideoForCausalLM
+    assert CogVLMVideoProcessor.config_class() is CogVLMVideoConfig
+    p = CogVLMVideoProcessor.from_config(config, tok, num_frames=None, fps=None)  # None: the demo's defaults
+    assert (p.num_frames, p.fps, p.clip_seconds) == (24, 1.0, 60.0) and p.sampling.policy == "seconds"
+    q = CogVLMVideoProcessor.from_config(config, tok, num_frames=4, fps=2.0)
+    assert q.sampling == FrameSampling("seconds", 4, 2.0, 60.0)
+    fingerprints = {x.fingerprint() for x in (p, q, p.with_settings(clip_seconds=None), p.with_settings(fps=3.0))}
+    assert len(fingerprints) == 4  # every frame setting changes the cache key of encoded rows
+    q.save_pretrained(tmp_path / "proc")
+    saved = json.loads((tmp_path / "proc" / "processor_config.json").read_text())
+    assert saved["processor_class"] == "CogVLMVideoProcessor" and (saved["num_frames"], saved["fps"]) == (4, 2.0)
+    back = CogVLMVideoProcessor.from_pretrained(tmp_path / "proc")
+    assert back.settings() == q.settings() and back.fingerprint() == q.fingerprint()
+    # base template: 24 frames spread uniformly over the first clip_seconds
+    assert q.with_settings(template_version="base").sampling.policy == "uniform"
+    # DataLoader workers get the processor without its frame arrays, and rebuild the cache on first use
+    video = write_test_video(tmp_path / "a.mp4", [RED, GREEN], fps=1)
+    q.cache_dir = str(tmp_path / "cache")
+    q.transform_image(str(video))
+    clone = pickle.loads(pickle.dumps(q))
+    assert clone._cache is None and clone.cache.decodes == 0
+    torch.testing.assert_close(clone.transform_image(str(video)), q.transform_image(str(video)))
+    assert clone.cache.decodes == 0  # read back from the disk cache, not decoded again
+
+
+def test_video_processor_refuses_unreadable_videos_and_image_recipes_refuse_frame_settings(tmp_path):
+    from data_formats.schema import ImageError
+    from finetune.config import RunConfig
+    from finetune.data_building import processor_for_recipe
+    from finetune.tiny import tiny_config
+
+    tok = build_tiny_tokenizer(2)
+    p = CogVLMVideoProcessor.from_config(tiny_video_config(), tok, cache_dir=tmp_path / "cache")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 300)
+    row = Conversation("b", [], [Message("user", "Colour?"), Message("assistant", "red")], videos=[str(broken)])
+    with pytest.raises(ValueError, match="videos\\[0\\]: .*broken.mp4"):
+        p.encode(row)
+    with pytest.raises(ImageError, match="broken.mp4"):
+        p.transform_image(str(broken))
+    cfg = RunConfig()
+    cfg.data.num_frames, cfg.data.fps = 5, 2.0
+    got = processor_for_recipe(cfg, tiny_video_config(template_version="chat"), tok)
+    assert isinstance(got, CogVLMVideoProcessor) and (got.num_frames, got.fps) == (5, 2.0)
+    with pytest.raises(ValueError, match="data.fps, data.num_frames: not a setting of CogVLMProcessor"):
+        processor_for_recipe(cfg, tiny_config(2), tok)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def test_train_merge_predict_chat_on_videos(video_task, tmp_path, monkeypatch, c
     run = train(_cfg(root, data, tmp_path / "run"), log=lambda *_: None)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert list((tmp_path / "cache" / "video-frames").glob("*.npy"))  # frames were cached for later epochs
+    saved = json.loads((run / "adapter" / "processor_config.json").read_text())  # the family's processor, saved
+    assert saved["processor_class"] == "CogVLMVideoProcessor" and (saved["num_frames"], saved["fps"]) == (24, 1.0)
     plan = (run / "plan.txt").read_text()
     assert "activations: vision tower" in plan
 

@@ -32,7 +32,7 @@ FAMILIES: dict[str, Family] = {
                      "finetune.models.cogvlm.processing:CogVLMProcessor"),
     "cogvlm2_video": Family("cogvlm2_video", "finetune.models.cogvlm2_video.configuration:CogVLMVideoConfig",
                             "finetune.models.cogvlm2_video.modeling:CogVLMVideoForCausalLM",
-                            "finetune.models.cogvlm2_video.processing:CogVLMVideoCollator"),
+                            "finetune.models.cogvlm2_video.processing:CogVLMVideoProcessor"),
 }
 # config.json `architectures[0]` -> family name
 ARCHITECTURES: dict[str, str] = {
@@ -69,6 +69,11 @@ def model_class(family: Family) -> type:
 
 def processor_class(family: Family) -> type:
     return _load(family.processor_class)
+
+
+def processor_class_for(config: Any) -> type:
+    """The processor class of a config object (its family's)."""
+    return processor_class(family_of(config))
 
 
 def load_config(checkpoint_dir: str | Path) -> Any:

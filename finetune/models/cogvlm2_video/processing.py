@@ -1,4 +1,4 @@
-"""CogVLM2-Video inputs: frame transform, the video span with time-index tokens, conversations, collator.
+"""CogVLM2-Video inputs: frame transform, the video span with time-index tokens, conversations, the processor.
 
 Sequence layout (docs/architecture.md §21.3, §21.4)::
 
@@ -12,7 +12,9 @@ position ids in all. The text part is exactly the image models' (`encode_convers
 labels, truncation by whole turns); the video replaces the image span right after BOS and is never cut.
 
 Frames: `FrameSampling` (video.py) picks them as the official demo does (chat: 1 fps up to 24; base: 24
-uniform over the first 60 s); `num_frames`, `fps` and `clip_seconds` are settings of the processor.
+uniform over the first 60 s); `num_frames`, `fps` and `clip_seconds` are settings of `CogVLMVideoProcessor`
+(saved in processor_config.json, part of its fingerprint), which every consumer reaches through the family
+table (finetune/models/__init__.py), so the dataset, collator, generation and merge probes need no video case.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ...families import CLIP_MEAN, CLIP_STD, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
-from ..cogvlm.processing import IGNORE_INDEX, CogVLMCollator, EncodedExample, RowTooLong, encode_conversation
+from ..cogvlm.processing import IGNORE_INDEX, CogVLMProcessor, EncodedExample, RowTooLong, encode_conversation
 from .video import FrameCache, FrameSampling, VideoDecodeError, default_cache_dir, probe_video, sample_indices
 
 if TYPE_CHECKING:
@@ -116,8 +118,8 @@ def encode_video_conversation(
     span_ids, span_types = video_span(tokenizer, n_frames, frame_tokens, template_version) if videos else ([], [])
     budget = None if max_length is None else max_length - len(span_ids)
     try:
-        text = encode_conversation(_without_video_markers(conv), tokenizer, family_version=2,
-                                   image_tokens=frame_tokens, template_version=template_version, max_length=budget,
+        text = encode_conversation(_without_video_markers(conv), tokenizer, image_tokens=frame_tokens,
+                                   template_version=template_version, max_length=budget,
                                    last_turn_only=last_turn_only, add_generation_prompt=add_generation_prompt)
     except RowTooLong as err:
         raise RowTooLong(f"{err} (after {len(span_ids)} tokens of video: {n_frames} frames)", err.length +
@@ -127,44 +129,6 @@ def encode_video_conversation(
     types = text.token_type_ids[:1] + span_types + text.token_type_ids[1:]
     labels = text.labels[:1] + [IGNORE_INDEX] * len(span_ids) + text.labels[1:]
     return EncodedExample(ids, types, labels, videos, text.dropped_turns, str(conv.id))
-
-
-@dataclass
-class CogVLMVideoCollator(CogVLMCollator):
-    """`CogVLMCollator` for video rows: encodes with the video layout, loads each row's sampled frames.
-
-    Output as the image collator's, except `images`: (N_frames, 3, S, S), the frames of every row's video
-    concatenated in row order (the model cuts them into 66-token spans in the same order).
-    Frame sampling is a setting (`num_frames`, `fps`, `clip_seconds`; defaults per template); decoded frames
-    are cached (memory + `cache_dir`), so later epochs never decode again.
-    """
-
-    num_frames: int | None = None
-    fps: float | None = None
-    clip_seconds: float | None = 60.0
-    cache_dir: str | Path | None = None
-    cache: FrameCache | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        template = self.template_version or self.config.template_version
-        self.sampling = FrameSampling.for_template(template, self.num_frames, self.fps, self.clip_seconds)
-        if self.cache is None:
-            self.cache = FrameCache(self.cache_dir if self.cache_dir is not None else default_cache_dir())
-
-    def frames(self, path: str) -> torch.Tensor:
-        """(T, 3, S, S) model-ready frames of one video file."""
-        return transform_video(self.cache.frames(path, self.sampling), self.image_size)
-
-    def encode(self, conv: Conversation) -> EncodedExample:
-        n = self.cache.frames(conv.videos[0], self.sampling).shape[0] if getattr(conv, "videos", None) else 0
-        return encode_video_conversation(
-            conv, self.tokenizer, n_frames=n, frame_tokens=self.config.image_tokens,
-            template_version=self.template_version or self.config.template_version, max_length=self.max_length,
-            last_turn_only=self.last_turn_only, add_generation_prompt=self.add_generation_prompt)
-
-    def _image(self, ref: Any) -> torch.Tensor:
-        return ref if isinstance(ref, torch.Tensor) else self.frames(str(ref))
 
 
 def sampling_from(settings: dict[str, Any] | FrameSampling) -> FrameSampling:
@@ -182,60 +146,101 @@ def frame_count(path: str, sampling: FrameSampling) -> int:
     return _frame_count(path, st.st_size, st.st_mtime_ns, sampling)
 
 
-def encode_video_row(conv: Conversation, tokenizer: Any, *, video_sampling: dict[str, Any], image_tokens: int,
-                     template_version: str, max_length: int | None = None, last_turn_only: bool = False,
-                     **_: Any) -> EncodedExample:
-    """`encode_video_conversation` with the frame count read off the file (the dataset's encoder for video rows).
+class CogVLMVideoProcessor(CogVLMProcessor):
+    """`CogVLMProcessor` for CogVLM2-Video: the video layout in `encode`, sampled frames as the model's `images`.
 
-    Takes the image encoder's settings (the unused ones are ignored) plus `video_sampling` (FrameSampling
-    fields). A video that cannot be read is a ValueError, which the dataset counts as an invalid row.
+    Extra settings (saved, fingerprinted; None in `from_config` keeps the default):
+      num_frames    frames sampled per video (24, the official demo's)
+      fps           `chat` template: samples per second of video (1, the demo's)
+      clip_seconds  `base` template: frames spread over the first this many seconds (60; None: whole video)
+
+    `encode` reads the frame count off the file's timestamps (no decoding) and puts the video right after BOS
+    (chat: time-index tokens after each frame; base: one VISION run). `transform_image(path)` gives the
+    (T, 3, S, S) sampled frames, decoded once per (file, sampling) and kept in memory and on disk (`cache_dir`,
+    default `default_cache_dir()`), so later epochs never decode again; `batch_input("images")` concatenates
+    the frames of every row in row order (N_frames, 3, S, S), the order the model cuts them into spans.
+    A video that cannot be read is a ValueError in `encode` (the dataset counts the row invalid) and an
+    `ImageError` in `transform_image` (the trainer's decode-failure path).
     """
-    sampling = sampling_from(video_sampling)
-    try:
-        n = frame_count(conv.videos[0], sampling) if conv.videos else 0
-    except (VideoDecodeError, OSError) as err:
-        raise ValueError(f"videos[0]: {err}") from None
-    return encode_video_conversation(conv, tokenizer, n_frames=n, frame_tokens=image_tokens,
-                                     template_version=template_version, max_length=max_length,
-                                     last_turn_only=last_turn_only)
 
+    SETTINGS = CogVLMProcessor.SETTINGS + ("num_frames", "fps", "clip_seconds")
+    media = "video"  # what a row's media file is (chat --video, merge probes)
 
-class VideoFrameLoader:
-    """video path -> (T, 3, S, S) frames, for DataLoader workers; each worker keeps its own memory cache and all
-    share the disk cache. A video that fails to decode raises `ImageError` (the trainer's decode-failure path)."""
-
-    def __init__(self, video_sampling: dict[str, Any] | FrameSampling, image_size: int,
-                 cache_dir: str | Path | None = None) -> None:
-        self.sampling = sampling_from(video_sampling)
-        self.image_size = image_size
+    def __init__(self, tokenizer: Any, *, num_frames: int = 24, fps: float = 1.0, clip_seconds: float | None = 60.0,
+                 cache_dir: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.num_frames = int(num_frames)
+        self.fps = float(fps)
+        self.clip_seconds = None if clip_seconds is None else float(clip_seconds)
+        self.sampling = FrameSampling.for_template(self.template_version, self.num_frames, self.fps, self.clip_seconds)
         self.cache_dir = str(cache_dir) if cache_dir is not None else str(default_cache_dir())
         self._cache: FrameCache | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": None}  # workers build their own (no arrays pickled across)
+    @classmethod
+    def model_class(cls) -> type:
+        from .modeling import CogVLMVideoForCausalLM
 
-    def __call__(self, ref: Any) -> torch.Tensor:
+        return CogVLMVideoForCausalLM
+
+    @classmethod
+    def config_class(cls) -> type:
+        from .configuration import CogVLMVideoConfig
+
+        return CogVLMVideoConfig
+
+    @classmethod
+    def from_config(cls, config: Any, tokenizer: Any, **settings: Any) -> CogVLMVideoProcessor:
+        """As `CogVLMProcessor.from_config`; `cache_dir` (not a setting: it never changes the bytes) also passes."""
+        cache_dir = settings.pop("cache_dir", None)
+        clip_given, clip = "clip_seconds" in settings, settings.pop("clip_seconds", None)
+        out = super().from_config(config, tokenizer, **settings)
+        if clip_given:  # None here means "the whole video" (a saved setting), not "the default"
+            out = out.with_settings(clip_seconds=clip)
+        if cache_dir is not None:
+            out.cache_dir = str(cache_dir)
+        return out
+
+    def with_settings(self, **changes: Any) -> CogVLMVideoProcessor:
+        out = super().with_settings(**changes)
+        out.cache_dir = self.cache_dir
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}  # DataLoader workers build their own (no frame arrays pickled)
+
+    @property
+    def cache(self) -> FrameCache:
+        """The decoded-frame cache (memory + `cache_dir`), built on first use in each process."""
+        if self._cache is None:
+            self._cache = FrameCache(self.cache_dir)
+        return self._cache
+
+    def encode(self, conversation: Conversation, add_generation_prompt: bool = False) -> EncodedExample:
+        """The video layout (module docstring); `images` holds the video path (one entry) or nothing."""
+        videos = list(getattr(conversation, "videos", None) or [])
+        try:
+            n = frame_count(videos[0], self.sampling) if videos else 0
+        except (VideoDecodeError, OSError) as err:
+            raise ValueError(f"row {conversation.id!r}: videos[0]: {err}") from None
+        return encode_video_conversation(
+            conversation, self.tokenizer, n_frames=n, frame_tokens=self.image_tokens,
+            template_version=self.template_version, max_length=self.max_length, last_turn_only=self.last_turn_only,
+            add_generation_prompt=add_generation_prompt)
+
+    def transform_image(self, ref: Any) -> torch.Tensor:
+        """(T, 3, S, S) float32 sampled frames of one video path; a tensor passes through."""
         from data_formats.schema import ImageError
 
         if isinstance(ref, torch.Tensor):
             return ref
-        if self._cache is None:
-            self._cache = FrameCache(self.cache_dir)
         try:
-            return transform_video(self._cache.frames(str(ref), self.sampling), self.image_size)
+            return transform_video(self.cache.frames(str(ref), self.sampling), self.image_size)
         except VideoDecodeError as err:
             raise ImageError(str(err)) from None
 
-
-def collator_class(config: Any) -> type[CogVLMCollator]:
-    """The video collator for a CogVLM2-Video config (no vision experts), else the image one."""
-    return CogVLMCollator if getattr(config, "vision_expert", True) else CogVLMVideoCollator
-
-
-def video_settings(config: Any, template_version: str, num_frames: int | None = None,
-                   fps: float | None = None) -> dict[str, Any] | None:
-    """FrameSampling fields for a video config (None for image models): what the dataset encoder and loader take."""
-    if getattr(config, "vision_expert", True):
-        return None
-    s = FrameSampling.for_template(template_version, num_frames, fps)
-    return {"policy": s.policy, "num_frames": s.num_frames, "fps": s.fps, "clip_seconds": s.clip_seconds}
+    def batch_input(self, name: str, values: Sequence[Any]) -> torch.Tensor | None:
+        """`images`: the frames of every row's video, concatenated in row order, (N_frames, 3, S, S), or None."""
+        if name == "images":
+            frames = [self.transform_image(ref) for refs in values for ref in refs]
+            return torch.cat([f if f.dim() == 4 else f[None] for f in frames]) if frames else None
+        return super().batch_input(name, values)
