@@ -5,7 +5,7 @@ different colour. Half the questions ask for the first colour, half for the last
 A tiny random CogVLM2-Video model (make-tiny layout, 56-px frames, `chat` template with time-index tokens) is
 scored on held-out clips by ranking the candidate colours by likelihood (chance = 1 / colours), trained with
 LoRA on the language weights + the vision adapter (no vision experts exist in this family) and `lm_head`
-saved, through the kit's video collator (frames decoded once, cached), then scored again.
+saved, through the kit's video processor and collator (frames decoded once, cached), then scored again.
 
     .venv/bin/python bench/video_learning.py [--train 480 --eval 60 --steps 200]
 
@@ -109,9 +109,10 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     from peft import LoraConfig, get_peft_model
 
     from data_formats.schema import read_jsonl
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.models.cogvlm2_video.configuration import tiny_video_config
     from finetune.models.cogvlm2_video.modeling import CogVLMVideoForCausalLM
-    from finetune.models.cogvlm2_video.processing import CogVLMVideoCollator
+    from finetune.models.cogvlm2_video.processing import CogVLMVideoProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
     torch.manual_seed(seed)
@@ -123,8 +124,9 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     tok = build_tiny_tokenizer(2)
     config = tiny_video_config(template_version="chat")
     model = CogVLMVideoForCausalLM(config)
-    collator = CogVLMVideoCollator(tok, config, template_version="chat", last_turn_only=True,
-                                   cache_dir=folder / "frame-cache")
+    processor = CogVLMVideoProcessor.from_config(config, tok, template_version="chat", last_turn_only=True,
+                                                 cache_dir=folder / "frame-cache")
+    collator = CogVLMCollator(processor)
     before = ranking_accuracy(model, collator, held_out, names=names)
     log(f"[video] {n_train} training / {n_eval} held-out clips, {frames} frames each, {len(names)} colours "
         f"(chance {100 / len(names):.0f}%); accuracy BEFORE {_show(before)}")
@@ -138,7 +140,7 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
     rng = random.Random(seed)
-    encoded = [collator.encode(c) for c in train]  # decodes each clip once; training reads the cache
+    encoded = [collator.encode(c) for c in train]  # reads timestamps; each clip is decoded once, then cached
     t0, losses = time.time(), []
     peft_model.train()
     for step in range(steps):
@@ -155,7 +157,7 @@ def run(folder: Path, n_train: int = 240, n_eval: int = 60, frames: int = 3, ste
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"[video] step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} ({time.time() - t0:.0f}s)")
     after = ranking_accuracy(peft_model, collator, held_out, names=names)
-    log(f"[video] accuracy AFTER {_show(after)}; frames decoded {collator.cache.decodes} times for "
+    log(f"[video] accuracy AFTER {_show(after)}; frames decoded {processor.cache.decodes} times for "
         f"{n_train + n_eval} clips over {steps} steps")
     return before, after
 
