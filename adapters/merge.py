@@ -171,8 +171,10 @@ def merge_adapter(
         if quantize:
             from finetune.config import QuantSection
             from finetune.loading import to_bnb_config
+            from finetune.models import model_class_for
 
-            bnb = to_bnb_config(QuantSection(mode=quantize), getattr(torch, dtype))
+            bnb = to_bnb_config(QuantSection(mode=quantize), getattr(torch, dtype),
+                                model_class_for(config).full_precision_modules)
             qmodel = load_base(hp_dir, dtype, quantization_config=bnb)
             qmodel.save_pretrained(str(staging), max_shard_size=max_shard_size)
             del qmodel

@@ -125,13 +125,13 @@ def load_base(base_dir: Path, dtype: str, quantization_config: Any = None) -> An
     import torch
 
     from finetune.loading import check_checkpoint_dir
-    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.models import load_config, model_class_for
 
     base_dir = check_checkpoint_dir(base_dir)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs).eval()
+    return model_class_for(load_config(base_dir)).from_pretrained(str(base_dir), **kwargs).eval()
 
 
 def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_dir: Path) -> Any:

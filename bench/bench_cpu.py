@@ -446,7 +446,7 @@ def memory_plans(config_dir: Path) -> str:
     from finetune.config import load_recipe
     from finetune.models.cogvlm.configuration import CogVLMConfig
     from finetune.models.cogvlm.modeling import CogVLMForCausalLM
-    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
+    from finetune.targets import memory_plan_for, resolve_targets
 
     header = ["recipe", "model", "quant", "targets", "tokens/row", "GC", "weights", "trainable+optim",
               "activations", "logits", "overhead", "total (GiB)"]
@@ -459,8 +459,7 @@ def memory_plans(config_dir: Path) -> str:
             with torch.device("meta"):
                 models[ref] = CogVLMForCausalLM(config)
         model = models[ref]
-        _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                        linear_module_names(model))
+        _, matches, _ = resolve_targets(cfg.lora.targets, model)
         plan = memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit])
         g = {k: sum(v for name, v, _ in plan.rows if name.startswith(k)) for k in
              ("weights", "trainable", "activations", "loss logits", "CUDA")}

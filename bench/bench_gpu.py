@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import load_recipe
     from finetune.loading import build_meta_model
     from finetune.recipe import train
-    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
+    from finetune.targets import memory_plan_for, resolve_targets
 
     probe = load_recipe(args.recipe, args.overrides + ["model.checkpoint_dir=x", "data.train_path=x"])
     version = 2 if probe.model.family is None or "cogvlm2" in probe.model.family else 1
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.train_path={rows}", "data.eval_path=null", f"train.max_steps={args.steps}", "train.logging_steps=1",
         "train.save_steps=100000", "train.report_to=[none]", f"output.dir={args.work / 'run'}",
         "output.overwrite=true"])
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     plan = memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit])
 
     history: list[dict] = []

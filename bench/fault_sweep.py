@@ -815,7 +815,7 @@ def faults(sw: Sweep) -> None:
                 return "checkpoint-4 not reported as skipped"
             return ""
         fault(sw, f"partial checkpoint-4: {name} -> newest complete is checkpoint-3", fn,
-              "python -c 'from finetune.train_utils import newest_complete_checkpoint as n; print(n(RUN))'")
+              "python -c 'from finetune.run_folder import newest_complete_checkpoint as n; print(n(RUN))'")
 
     def det_resume():
         dst = runs / "det-resume"

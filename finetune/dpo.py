@@ -230,7 +230,7 @@ def _encode_or_skip(pairs: list, processor: CogVLMProcessor, cfg: Any, log=print
     return rows
 
 
-def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, log=print,
+def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log=print,
               callbacks: list | None = None) -> Any:
     """Preference-tune an adapter with TRL's DPOTrainer; same run folder, resume, adapter and run.json as SFT.
 
@@ -240,7 +240,6 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     """
     import json
     import time
-    from pathlib import Path
 
     from datasets import Dataset
     from trl import DPOConfig
@@ -249,9 +248,8 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
 
     from .data_building import processor_for_recipe
     from .fileio import write_atomic
-    from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
+    from .loading import load_config_and_tokenizer, load_weights
     from .plots import plot_curves
-    from .run_folder import config_hash, library_versions, write_run_json
     from .trainer import keep_4bit_layers_trainable
 
     on_gpu = torch.cuda.is_available()
@@ -326,20 +324,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
         processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        run_info.update({
-            "status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": "dpo",
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir, "template_version": template,
-            "image_tokens": config.image_tokens, "quant_mode": cfg.quant.mode, "targets": cfg.lora.targets,
-            "start_adapter": cfg.dpo.start_adapter, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
-            "global_step": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
-            "preference_accuracy_before": before, "preference_accuracy_after": after,
-            "wall_seconds": round(wall, 2), "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step,
+                        train_loss=losses[-1] if losses else None, wall_seconds=round(wall, 2),
+                        start_adapter=cfg.dpo.start_adapter, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                        preference_accuracy_before=before, preference_accuracy_after=after)
+        run_info.write(out)
         write_atomic(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s)")

@@ -11,7 +11,6 @@ point, kept there by tests/test_memory.py); not yet checked on a GPU at full siz
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -19,7 +18,6 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes nf4/fp4: 4 bits + one fp32 absmax per 64 weights; double quantization stores the absmax
 # in 8 bits with an fp32 scale per 256 blocks.
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
-_QUANTIZED = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\..*")
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
 
 
@@ -39,6 +37,15 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def quantized_weight_names(model) -> set[str]:
+    """Weights bitsandbytes quantizes: every Linear's weight outside the model class's `full_precision_modules`."""
+    import torch.nn as nn
+
+    keep = tuple(getattr(type(model), "full_precision_modules", ()))
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not any(name == k or name.startswith(k + ".") for k in keep)}
+
+
 def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
                 lora_in_features: int = 0, on_gpu: bool = True) -> MemoryPlan:
     """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read).
@@ -50,9 +57,18 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     c = model.config
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
-    quant_params = other_params = 0
+    quant_params = other_params = released = 0
+    quantized = quantized_weight_names(model) if quant != "none" else set()
+    # data.feature_cache (not streaming): every image is cached before training and the frozen tower's weights
+    # (the GLU's too when it is frozen) are released (finetune/feature_cache.py).
+    cached = bool(getattr(cfg.data, "feature_cache", None)) and not cfg.data.streaming
+    glu_trains = "glu_adapter" in cfg.lora.targets or "glu_adapter" in cfg.lora.modules_to_save
+    cached_prefixes = ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.conv.") + (
+        () if glu_trains else ("model.vision.linear_proj.",))
     for name, p in model.named_parameters():
-        if quant != "none" and _QUANTIZED.fullmatch(name) and p.dim() == 2:
+        if cached and name.startswith(cached_prefixes):
+            released += p.numel()
+        elif name in quantized:
             quant_params += p.numel()
         else:
             other_params += p.numel()
@@ -64,6 +80,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     elif quant == "int8":
         rows.append(("weights: LM linears (int8)", quant_params * 1.0 / GIB, f"{quant_params / 1e9:.2f}B x 1 B"))
     rows.append((f"weights: rest ({dtype_name})", other_params * act / GIB, f"{other_params / 1e9:.2f}B x {act} B"))
+    if cached:
+        rows.append(("weights: vision tower (feature cache)", 0.0, f"{released / 1e9:.2f}B released: every image "
+                     "is cached before training"))
     state = 2 if "8bit" in cfg.train.optim else 8
     per = 4 + 4 + state  # fp32 weight + grad + optimizer state
     rows.append(("trainable: weights+grads+optimizer", (trainable_lora + trainable_full) * per / GIB,
@@ -109,7 +128,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     vc = c.vision_config
     n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
     vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
-    if any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
+    if cached:
+        rows.append(("activations: vision tower", 0.0, "feature cache: the tower does not run"))
+    elif any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
         kept = (1 if gc else vc["num_hidden_layers"]) * vision_layer
         rows.append(("activations: vision tower", kept / GIB,
                      "one layer (checkpointing)" if gc else "all layers kept (LoRA in the tower)"))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import RunConfig, parse_recipe_args, to_yaml
-from .run_folder import config_hash, library_versions, prepare_run_folder, write_run_json
+from .run_folder import RunInfo, prepare_run_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +54,10 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     out = Path(cfg.output.dir)
     resume = prepare_run_folder(cfg, out, log if is_main else (lambda *_: None), clear=is_main)
     out.mkdir(parents=True, exist_ok=True)
-    run_info: dict = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "resumed_from": str(resume) if resume else None}
+    run_info = RunInfo(resumed_from=str(resume) if resume else None, method=cfg.train.method)
     if is_main:
         write_atomic(out / "recipe.resolved.yaml", to_yaml(cfg))
-        write_run_json(out, run_info)
+        run_info.write(out)
     try:
         if cfg.train.method == "dpo":  # preference tuning through TRL (finetune/dpo.py)
             from .dpo import train_dpo
@@ -67,9 +66,8 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         return _train(cfg, out, resume, run_info, is_main, world, log, callbacks)
     except BaseException as err:
         if is_main:
-            run_info.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000],
-                            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            write_run_json(out, run_info)
+            run_info.fail(err)
+            run_info.write(out)
         raise
 
 
@@ -80,12 +78,12 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     from finetune import extra_params
     from finetune.lora import apply_lora
-    from finetune.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
+    from finetune.targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
     from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
     from .data_building import SkipBadImages, build_datasets, processor_for_recipe
     from .fileio import write_atomic
-    from .loading import base_fingerprint, build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
+    from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
     from .plots import plot_curves
     from .run_folder import RUN_STATE
@@ -99,10 +97,10 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Memory plan (meta device: shapes only, before any weight is loaded) ----
     meta = build_meta_model(cfg.model.checkpoint_dir)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     matched = [n for hit in matches.values() for n in hit]
     modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
-    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules) + bare)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules, meta) + bare)
     dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
     memory = plan_memory(meta, cfg, lora_n, full_n, dtype_name, lora_in_features=in_features, on_gpu=on_gpu)
@@ -133,6 +131,17 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Adapters (match report and parameter table go to plan.txt) ----
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
+    if cfg.data.feature_cache:  # frozen vision features computed once (finetune/feature_cache.py)
+        from .feature_cache import attach, dataset_image_refs, precompute, release_tower, vision_module
+
+        cache = attach(model, cfg.data.feature_cache, cfg.model.checkpoint_dir, log=log)
+        if not cfg.data.streaming:
+            refs = dataset_image_refs(train_ds)
+            refs += [ref for row in (eval_ds or []) for ref in row.get("images") or []]
+            computed = precompute(cache, vision_module(model), refs, processor.transform_image)
+            freed = release_tower(vision_module(model), cache.stage)
+            log(f"{cache.stats()}; {computed} computed now; {freed / 1e6:.1f}M vision weights released (every "
+                "image of the run is cached)")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(real_numel(p) for p in model.parameters())
     if is_main:
@@ -238,27 +247,12 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         model.save_pretrained(str(out / "adapter"))
         extra_params.save(model, extra, out / "adapter")
         processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
-        run_info.update({
-            "status": "completed",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir,
-            "template_version": template,
-            "image_tokens": config.image_tokens,
-            "quant_mode": cfg.quant.mode,
-            "targets": cfg.lora.targets,
-            "global_step": trainer.state.global_step,
-            "train_loss": train_loss,
-            "train_loss_tokens": trainer.run_loss_tokens + int(trainer._int_tokens),
-            "skipped_nonfinite": trainer.skipped,
-            "skipped_images": skipped_images.value if skipped_images is not None else 0,
-            "wall_seconds": round(wall, 2),
-            "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
+                        train_loss_tokens=trainer.run_loss_tokens + int(trainer._int_tokens),
+                        skipped_nonfinite=trainer.skipped,
+                        skipped_images=skipped_images.value if skipped_images is not None else 0,
+                        wall_seconds=round(wall, 2))
+        run_info.write(out)
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
             f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")

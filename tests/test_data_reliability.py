@@ -174,7 +174,7 @@ def test_skip_invalid_skips_bad_images_and_encoding_agrees(broken_images, tmp_pa
 
 
 def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path):
-    """train_utils.build_datasets (what `cogtune train` runs): bad images, a malformed line and a BOM, with
+    """data_building.build_datasets (what `cogtune train` runs): bad images, a malformed line and a BOM, with
     data.skip_invalid: the run starts, the log's counts match the rows in the training set, all of which load."""
     from dataclasses import replace
 

@@ -33,7 +33,8 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
 
     kwargs = {"dtype": torch.float32}
     if quant != "none":
-        kwargs["quantization_config"] = to_bnb_config(QuantSection(mode=quant), torch.float32)
+        kwargs["quantization_config"] = to_bnb_config(QuantSection(mode=quant), torch.float32,
+                                                      CogVLMForCausalLM.full_precision_modules)
     model = CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed)
