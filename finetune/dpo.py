@@ -132,6 +132,9 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
             self.run_loss_sum += self._int_sum
             self.run_loss_n += self._int_n
             self._int_sum, self._int_n, self._int_skipped = 0.0, 0, 0
+            metrics = self._metrics["train"]
+            for key in [k for k, v in metrics.items() if not v]:  # emptied by skipped micro-batches: no point
+                del metrics[key]
         super().log(logs, start_time)
 
     def run_train_loss(self) -> float | None:
