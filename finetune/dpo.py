@@ -171,11 +171,10 @@ def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg
             too_long.append(str(err))
     if too_long:
         log(f"skipped {len(too_long)} pair(s) longer than data.max_length={cfg.data.max_length}, e.g. {too_long[0]}")
-    uneven = sum(r["chosen_dropped_turns"] != r["rejected_dropped_turns"] for r in rows)
-    if uneven:
-        log(f"warning: in {uneven} pair(s) chosen and rejected drop different numbers of old turns at data.max_length="
-            f"{cfg.data.max_length} (their answers are compared under different histories); `cogtune validate` "
-            "lists them")
+    cut = sum(max(r["chosen_dropped_turns"], r["rejected_dropped_turns"]) > 0 for r in rows)
+    if cut:
+        log(f"note: {cut} pair(s) drop old turns to fit data.max_length={cfg.data.max_length} (chosen and rejected "
+            "drop as many, so both answers follow the same prompt); `cogtune validate` counts them")
     if not rows:
         raise ValueError("no preference rows left after encoding; raise data.max_length")
     return rows

@@ -40,19 +40,37 @@ def pair_conversations(pair: PreferencePair) -> tuple[Conversation, Conversation
     return chosen, rejected
 
 
+def _without_first_turns(conv: Conversation, k: int) -> Conversation:
+    """`conv` minus its first k user/assistant turns (system turns kept), as `encode_conversation` drops them."""
+    systems = [m for m in conv.messages if m.role == "system"]
+    rest = [m for m in conv.messages if m.role != "system"]
+    return Conversation(conv.id, list(conv.images), systems + rest[2 * k:], conv.source)
+
+
 def encode_pair(pair: PreferencePair, tokenizer: Any, config: Any, *, template_version: str | None = None,
                 max_length: int | None = None, allow_multi_image: bool = False) -> dict[str, Any]:
     """One pair -> a dataset row: chosen_/rejected_ input_ids, token_type_ids, labels, and the image refs.
 
     Both sides are encoded by `encode_conversation` with `last_turn_only=True`: the labels (and so TRL's
-    completion mask) cover the final answer and its EOS only. A side that does not fit raises `RowTooLong`.
+    completion mask) cover the final answer and its EOS only. When `max_length` makes the longer side drop old
+    turns, the other side drops as many, so that both answers follow the same prompt (DPO compares answers to
+    one prompt). A side that does not fit at all raises `RowTooLong`.
     """
+    kw = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens,
+              template_version=template_version or config.template_version, max_length=max_length,
+              last_turn_only=True, allow_multi_image=allow_multi_image)
+    sides = dict(zip(("chosen", "rejected"), pair_conversations(pair)))
+    encoded = {side: encode_conversation(conv, tokenizer, **kw) for side, conv in sides.items()}
+    k = max(e.dropped_turns for e in encoded.values())
+    for side, e in encoded.items():
+        if e.dropped_turns < k:
+            try:
+                encoded[side] = encode_conversation(_without_first_turns(sides[side], k), tokenizer, **kw)
+                encoded[side].dropped_turns = k
+            except ValueError:  # interleaved images whose markers sit in the dropped turns: keep that side whole
+                pass
     row: dict[str, Any] = {"id": pair.id}
-    for side, conv in zip(("chosen", "rejected"), pair_conversations(pair)):
-        e = encode_conversation(conv, tokenizer, family_version=config.cogvlm_version,
-                                image_tokens=config.image_tokens,
-                                template_version=template_version or config.template_version,
-                                max_length=max_length, last_turn_only=True, allow_multi_image=allow_multi_image)
+    for side, e in encoded.items():
         row[f"{side}_input_ids"], row[f"{side}_token_type_ids"], row[f"{side}_labels"] = \
             e.input_ids, e.token_type_ids, e.labels
         row[f"{side}_dropped_turns"] = e.dropped_turns
@@ -200,8 +218,8 @@ def pair_token_report(pairs: list, info: Any, max_length: int | None,
     """Token lengths of prompt+chosen and prompt+rejected (image tokens included) against `max_length`.
 
     Problems: an error for a pair that cannot be encoded; a warning for a pair whose two sides would drop a
-    different number of old turns at `max_length` (the longer answer loses history first), since DPO then
-    compares the answers under different prompts.
+    different number of old turns at `max_length` (the longer answer loses history first): training then drops
+    as many from the shorter side (`encode_pair`), so that history is lost although it would fit.
     """
     kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
                   template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
@@ -235,8 +253,9 @@ def pair_token_report(pairs: list, info: Any, max_length: int | None,
             problems.append(Problem(
                 pair.prompt.source, "row", f"at max_length {max_length} prompt+chosen ({full['chosen']} tokens) drops "
                 f"{drops['chosen']} old turn(s) but prompt+rejected ({full['rejected']} tokens) drops "
-                f"{drops['rejected']}: the two answers would be compared under different histories",
-                "shorten the history or the longer answer, or raise data.max_length", "warning", "uneven truncation"))
+                f"{drops['rejected']}; training drops {max(drops.values())} from both, so that both answers follow "
+                "the same prompt", "shorten the history or the longer answer, or raise data.max_length, to keep the "
+                "history", "warning", "uneven truncation"))
     if not lengths["chosen"]:
         return ["token lengths: no valid pairs to measure"], problems
     lines = [f"token lengths ({len(lengths['chosen'])} pairs, image tokens included: {info.image_tokens} per image; "
@@ -245,8 +264,8 @@ def pair_token_report(pairs: list, info: Any, max_length: int | None,
              f"  prompt+rejected: {_spread(lengths['rejected'])}"]
     if max_length is not None:
         lines.append(f"at --max-length {max_length}: {truncated} pairs truncated (oldest history turns dropped), "
-                     f"{uneven} of them unevenly (chosen and rejected drop different numbers of turns), {dropped} "
-                     "pairs dropped entirely (a side's last turn alone does not fit)")
+                     f"{uneven} of them unevenly (the longer answer would drop more turns; both sides drop as many), "
+                     f"{dropped} pairs dropped entirely (a side's last turn alone does not fit)")
     return lines, problems
 
 

@@ -53,8 +53,11 @@ def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int,
 
 
 def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48, sft_steps: int = 10,
-              dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print) -> dict:
-    """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json."""
+              dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print,
+              dpo_overrides: tuple[str, ...] = ()) -> dict:
+    """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json.
+
+    `dpo_overrides`: extra recipe overrides for the DPO run (e.g. "dpo.beta=0.5")."""
     from .config import load_recipe
     from .recipe import train
     from .tiny import make_tiny
@@ -76,7 +79,8 @@ def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48
                                         f"data.eval_path={data['eval']}", f"train.max_steps={dpo_steps}",
                                         f"train.learning_rate={dpo_lr}", "train.per_device_train_batch_size=8",
                                         "train.logging_steps=1", "train.lr_scheduler_type=constant",
-                                        f"dpo.start_adapter={out / 'sft' / 'adapter'}", f"output.dir={out / 'dpo'}"])
+                                        f"dpo.start_adapter={out / 'sft' / 'adapter'}", f"output.dir={out / 'dpo'}",
+                                        *dpo_overrides])
     train(dpo, log=log)
     return json.loads((out / "dpo" / "run.json").read_text())
 

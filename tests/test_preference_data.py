@@ -118,8 +118,30 @@ def test_validate_cli_warns_when_a_pair_drops_different_numbers_of_turns(tiny_ch
     assert (f"{path}:1: row: warning: at max_length {n_chosen} prompt+chosen ({n_chosen} tokens) drops 0 old turn(s) "
             f"but prompt+rejected ({n_rejected} tokens) drops 1") in out
     assert "1 pairs truncated (oldest history turns dropped), 1 of them unevenly" in out
+    assert "training drops 1 from both, so that both answers follow the same prompt" in out
     rc, out = _validate(capsys, path, "--model", tiny_checkpoints[2], "--max-length", n_rejected)
     assert "0 pairs truncated" in out and "drops 0 old turn(s)" not in out
+
+
+def test_training_encoding_drops_as_many_turns_from_both_sides(tiny_checkpoints, tmp_path):
+    """At a max_length where only prompt+rejected must drop the old turn, both sides drop it: one shared prompt."""
+    from data_formats.preference import read_pairs
+    from finetune.dpo_data import encode_pair
+    from finetune.tiny import tiny_config
+    from finetune.tokenization import load_tokenizer
+
+    pair = read_pairs(_history_pairs(tmp_path))[0][0]
+    tok, config = load_tokenizer(tiny_checkpoints[2], None), tiny_config(2)
+    whole = encode_pair(pair, tok, config)
+    n_chosen, n_rejected = len(whole["chosen_input_ids"]), len(whole["rejected_input_ids"])
+    cut = encode_pair(pair, tok, config, max_length=n_chosen)
+    assert cut["chosen_dropped_turns"] == cut["rejected_dropped_turns"] == 1
+    assert len(cut["chosen_input_ids"]) < n_chosen and len(cut["rejected_input_ids"]) <= n_chosen < n_rejected
+    answer = len(tok.encode(pair.chosen, add_special_tokens=False)) + 1  # + EOS
+    prompt = cut["chosen_input_ids"][:-answer]
+    assert cut["rejected_input_ids"][:len(prompt)] == prompt  # the same prompt tokens on both sides
+    assert "mountains" in tok.decode(whole["chosen_input_ids"]) and "mountains" not in tok.decode(prompt)
+    assert "And in the valley?" in tok.decode(prompt)  # the old turn is gone, the last one stays
 
 
 def _convert(capsys, *argv) -> tuple[int, str, str]:
