@@ -1,9 +1,11 @@
 """`cogtune convert --from FORMAT INPUT --out OUT.jsonl`: other dataset formats -> canonical JSONL.
 
 Every converted row is checked with the same rules as `cogtune validate` (structure, images exist,
-an answer is present); rows that fail are skipped and each is reported as `file:line: ...`, with a
-count per reason at the end, so nothing disappears silently. The output is published atomically and
-only when complete and non-empty: a failure or zero rows leave an existing output as it was (exit 1).
+an answer is present; for the preference formats rlaif-v and sharegpt-pairs, prompt turns plus
+`chosen` / `rejected`, data_formats/preference.py); rows that fail are skipped and each is reported
+as `file:line: ...`, with a count per reason at the end, so nothing disappears silently. The output is
+published atomically and only when complete and non-empty: a failure or zero rows leave an existing
+output as it was (exit 1).
 Image paths must lie under the input's folder (or `--image-root`) unless `--allow-outside-images`.
 Image paths in the output are relative to the output's folder when the image lies under it, else
 absolute.
