@@ -1,5 +1,6 @@
 """DPO through TRL on the kit's model: the trainer's logged loss equals the DPO loss computed by hand, the
-pair encoding scores only the final answer, and the recipe path raises held-out preference accuracy."""
+pair encoding scores only the final answer, the recipe path raises held-out preference accuracy (LoRA and
+QLoRA), and a DPO run gets what an SFT run has: memory plan, curves, resume, non-finite guard, check, merge."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from PIL import Image
 
 from data_formats.preference import parse_pair
 from finetune.config import LoraSection
+
+from .test_recipe import _StopAt
+from .test_run_folder import _Logs
 
 
 def _pairs(tmp_path, n=2):
@@ -208,13 +212,6 @@ def test_dpo_memory_plan_counts_chosen_and_rejected(dpo_data, lora_run):
     assert cont["reference adapter (frozen copy)"] == pytest.approx(numel * 4 / GIB)
 
 
-class _StopAt:
-    def __new__(cls, step):
-        from tests.test_recipe import _StopAt
-
-        return _StopAt(step)
-
-
 def test_dpo_stop_and_resume_equals_uninterrupted(dpo_data, lora_run, tmp_path):
     """Continuing an adapter (TRL's frozen "ref" copy in play): stopped at step 2 and resumed with --resume auto,
     the adapter equals an uninterrupted run's, and the checkpoint carries the kit's manifest."""
@@ -240,21 +237,6 @@ def test_dpo_stop_and_resume_equals_uninterrupted(dpo_data, lora_run, tmp_path):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert json.loads((resumed / "run.json").read_text())["global_step"] == 4
-
-
-class _Logs:
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Logs(TrainerCallback):
-            history: list = []
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                self.history.append(dict(logs or {}))
-
-        out = Logs()
-        out.history = []
-        return out
 
 
 def test_diverged_dpo_run_fails_without_saving_an_adapter(dpo_data, tmp_path):
