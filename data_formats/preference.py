@@ -18,7 +18,7 @@ given as strings or as `{"from": "gpt", "value": ...}` turns).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,9 @@ def parse_pair(obj: Any, source: str, base_dir: Path, *, default_id: str = "", m
     conv, problems = parse_row(obj, source, base_dir, default_id=default_id, max_images=max_images,
                                check_images=check_images, require_answer=False, roots=roots,
                                allow_outside_images=allow_outside_images)
-    problems = list(problems)
+    # SFT hints name the SFT converters; a preference row's ShareGPT-style turns convert with the pair converter
+    problems = [replace(p, hint=p.hint.replace("--from sharegpt` (or --from llava)", "--from sharegpt-pairs`")
+                        .replace("--from sharegpt`", "--from sharegpt-pairs`")) for p in problems]
     msgs = obj.get("messages")
     if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
         problems.append(Problem(source, f"messages[{len(msgs) - 1}]", "prompt ends with an assistant turn",

@@ -28,6 +28,7 @@ def test_validate_reports_every_problem_with_file_line():
     assert any(t.startswith(f"{src}:5: rejected: is the same text as 'chosen'") for t in text)
     line6 = [t for t in text if t.startswith(f"{src}:6:")]
     assert any("'human'" in t for t in line6) and any(t.startswith(f"{src}:6: rejected: missing") for t in line6)
+    assert any("`cogtune convert --from sharegpt-pairs`" in t for t in line6)  # the pair converter, not SFT's
     assert any(t.startswith(f"{src}:7: line: not valid JSON") for t in text)
 
 
