@@ -93,7 +93,7 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from .train_utils import DivergedError, guard_nonfinite
+        from .trainer import DivergedError, guard_nonfinite
 
         metrics = self._metrics["train"]
         logged = {k: len(v) for k, v in metrics.items()}
@@ -160,7 +160,7 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
 
 
 def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg: Any, log=print) -> list[dict]:
-    from .processing_cogvlm import RowTooLong
+    from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
     for p in pairs:
@@ -202,17 +202,16 @@ def dpo_memory_plan(cfg: Any, on_gpu: bool) -> Any:
     SFT adapter adds TRL's frozen copy of it (the "ref" adapter)."""
     from dataclasses import replace
 
-    from adapters import extra_params
-    from adapters.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
-
+    from . import extra_params
     from .loading import build_meta_model, resolve_dtype
     from .memory import _BYTES, GIB, plan_memory
+    from .targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
     meta = build_meta_model(cfg.model.checkpoint_dir)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     matched = [n for hit in matches.values() for n in hit]
     modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
-    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules) + bare)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules, meta) + bare)
     if cfg.dpo.start_adapter:  # the starting adapter is what trains, whatever lora.* says
         lora_n, full_n = _adapter_numel(cfg.dpo.start_adapter), 0
     dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
@@ -314,26 +313,13 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig
 
-    from adapters.lora import apply_lora
-
+    from .callbacks import CheckpointCallback, ProgressLineCallback
+    from .fileio import write_atomic
     from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
-    from .recipe import (
-        config_hash,
-        library_versions,
-        restore_checkpoint_weights,
-        save_emergency_checkpoint,
-        step_warnings,
-        write_run_json,
-    )
-    from .train_utils import (
-        RUN_STATE,
-        CheckpointCallback,
-        DivergedError,
-        ProgressLineCallback,
-        keep_4bit_layers_trainable,
-        nonfinite_parameters,
-        write_atomic,
-    )
+    from .lora import apply_lora
+    from .recipe import restore_checkpoint_weights, save_emergency_checkpoint, step_warnings
+    from .run_folder import RUN_STATE, config_hash, library_versions, write_run_json
+    from .trainer import DivergedError, keep_4bit_layers_trainable, nonfinite_parameters
 
     on_gpu = torch.cuda.is_available()
     plan: list[str] = [f"# run plan for {out} (DPO)", ""]
@@ -351,7 +337,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
         log(f"warning: {line}")
 
     model = load_weights(cfg.model, cfg.quant)
-    keep_4bit_layers_trainable(model)  # QLoRA: see train_utils (eval must not repack 4-bit weights)
+    keep_4bit_layers_trainable(model)  # QLoRA: see finetune/trainer.py (eval must not repack 4-bit weights)
     if cfg.dpo.start_adapter:
         from peft import PeftModel, prepare_model_for_kbit_training
 

@@ -24,7 +24,7 @@ import torch
 
 from data_formats.schema import Conversation, Message, Problem
 
-from .processing_cogvlm import IGNORE_INDEX, CogVLMCollator, RowTooLong, encode_conversation
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, RowTooLong, encode_conversation
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair

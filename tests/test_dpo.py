@@ -37,8 +37,8 @@ def _pairs(tmp_path, n=2):
 
 
 def _setup(version, tmp_path):
-    from adapters.lora import apply_lora
     from finetune.dpo import PreferenceCollator, encode_pairs
+    from finetune.lora import apply_lora
     from finetune.tokenization import build_tiny_tokenizer
     from tests.conftest import build_tiny_model
 
@@ -122,8 +122,8 @@ def test_trainer_loss_matches_hand_computed_dpo_loss(version, tmp_path, precompu
 def dpo_data(tmp_path_factory):
     """A tiny CogVLM2 checkpoint and preference files. At this small scale the preference does not depend on the
     image (chosen: red/green/blue, rejected: yellow/purple/orange); the image-dependent proof (true colour
-    preferred) is `python -m finetune.dpo_demo`."""
-    from finetune.dpo_demo import write_pairs
+    preferred) is `python -m adapters.dpo_demo`."""
+    from adapters.dpo_demo import write_pairs
     from finetune.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("dpo")
@@ -218,7 +218,7 @@ def test_dpo_stop_and_resume_equals_uninterrupted(dpo_data, lora_run, tmp_path):
     from safetensors.torch import load_file
 
     from finetune.recipe import train
-    from finetune.train_utils import MANIFEST
+    from finetune.run_folder import MANIFEST
 
     common = ("train.max_steps=4", "train.save_steps=2", "data.eval_path=null", "train.learning_rate=2e-3",
               f"dpo.start_adapter={lora_run / 'adapter'}")
@@ -241,7 +241,7 @@ def test_dpo_stop_and_resume_equals_uninterrupted(dpo_data, lora_run, tmp_path):
 
 def test_diverged_dpo_run_fails_without_saving_an_adapter(dpo_data, tmp_path):
     from finetune.recipe import train
-    from finetune.train_utils import DivergedError
+    from finetune.trainer import DivergedError
 
     out, logs = tmp_path / "run", _Logs()
     with pytest.raises(DivergedError, match=r"diverged.*non-finite DPO loss.*max_nonfinite_steps=2.*learning_rate"):
@@ -258,7 +258,7 @@ def test_diverged_dpo_run_fails_without_saving_an_adapter(dpo_data, tmp_path):
 
 def test_dpo_nonfinite_weights_are_never_saved(dpo_data, tmp_path):
     from finetune.recipe import train
-    from finetune.train_utils import DivergedError
+    from finetune.trainer import DivergedError
 
     out = tmp_path / "run"
     with pytest.raises(DivergedError, match="hold NaN/inf"):
@@ -292,16 +292,16 @@ def test_dpo_adapter_merges_and_verifies(lora_run, tmp_path, capsys, monkeypatch
     from peft import PeftModel
 
     from adapters import merge as merge_mod
+    from adapters import merge_verify
     from adapters.merge import main as merge_main
+    from data_formats.preference import read_pairs
+    from finetune.dpo_data import PreferenceCollator, encode_pairs, sequence_logps
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.tokenization import load_tokenizer
 
     # the verification in-process (the fresh process, ~5 s of imports, is covered by tests/test_merge.py)
     monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
-        **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
-    from data_formats.preference import read_pairs
-    from finetune.dpo_data import PreferenceCollator, encode_pairs, sequence_logps
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
-    from finetune.tokenization import load_tokenizer
-
+        **merge_verify.verify_folder(f, p, d), "reload_seconds": 0.0})
     assert merge_main([str(lora_run), "--out", str(tmp_path / "merged")]) == 0
     out = capsys.readouterr().out
     assert "verification passed" in out

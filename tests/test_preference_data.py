@@ -103,7 +103,7 @@ def _history_pairs(tmp_path):
 def test_validate_cli_warns_when_a_pair_drops_different_numbers_of_turns(tiny_checkpoints, tmp_path, capsys):
     from data_formats.preference import read_pairs
     from finetune.dpo_data import pair_conversations
-    from finetune.processing_cogvlm import encode_conversation
+    from finetune.models.cogvlm.processing import encode_conversation
     from finetune.tokenization import load_tokenizer
 
     path = _history_pairs(tmp_path)
