@@ -181,7 +181,7 @@ def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory plan and curves of a DPO run
+# Memory plan of a DPO run
 # ---------------------------------------------------------------------------------------------
 
 
@@ -235,63 +235,6 @@ def dpo_memory_plan(cfg: Any, on_gpu: bool) -> Any:
     return plan
 
 
-def plot_dpo_curves(log_history: list[dict], path: str | Path, before: float | None = None,
-                    after: float | None = None) -> list[str]:
-    """PNG of a DPO run's curves: loss, reward margins, chosen/rejected log-probs, preference accuracy (train and
-    eval, plus the held-out accuracy before and after). Returns the names of the series drawn ([] = no PNG)."""
-    import os
-
-    steps = [h["step"] for h in log_history if "loss" in h]
-    if not steps:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    marker = "o" if len(steps) < 30 else None
-    drawn: list[str] = []
-
-    def series(ax, key: str, label: str, style: str = "-") -> None:
-        points = [(h["step"], h[key]) for h in log_history if key in h]
-        if points:
-            ax.plot(*zip(*points), style, marker=marker if style == "-" else "o", label=label)
-            drawn.append(key)
-
-    panels = [("DPO loss", [("loss", "train"), ("eval_loss", "eval")]),
-              ("reward margin (chosen - rejected)", [("rewards/margins", "train"),
-                                                      ("eval_rewards/margins", "eval")]),
-              ("answer log-prob (summed)", [("logps/chosen", "chosen"), ("logps/rejected", "rejected"),
-                                            ("eval_logps/chosen", "eval chosen"),
-                                            ("eval_logps/rejected", "eval rejected")]),
-              ("preference accuracy", [("rewards/accuracies", "train (reward > reference's)"),
-                                       ("eval_rewards/accuracies", "eval (reward > reference's)")])]
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key, label in keys:
-            series(ax, key, label, "-" if not key.startswith("eval_") else "--")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    acc = axes.flat[3]
-    held = [(0, before), (max(steps), after)]
-    held = [(s, v) for s, v in held if v is not None]
-    if held:
-        acc.plot(*zip(*held), "s:", color="black", label="held-out: chosen more likely")
-        drawn.append("held-out preference accuracy")
-    acc.set_ylim(-0.05, 1.05)
-    for ax in axes.flat:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return drawn
-
-
 # ---------------------------------------------------------------------------------------------
 # A recipe run (`train.method: dpo`), called by finetune.recipe.train
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +260,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     from .fileio import write_atomic
     from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
     from .lora import apply_lora
+    from .plots import plot_dpo_curves
     from .recipe import restore_checkpoint_weights, save_emergency_checkpoint, step_warnings
     from .run_folder import RUN_STATE, config_hash, library_versions, write_run_json
     from .trainer import DivergedError, keep_4bit_layers_trainable, nonfinite_parameters
@@ -455,5 +399,5 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
 
 
 __all__ = ["CogDPOTrainer", "PreferenceCollator", "dpo_memory_plan", "dpo_sigmoid_loss", "encode_pair",
-           "encode_pairs", "pair_conversations", "plot_dpo_curves", "preference_accuracy", "read_pairs_or_fail",
-           "sequence_logps", "train_dpo"]
+           "encode_pairs", "pair_conversations", "preference_accuracy", "read_pairs_or_fail", "sequence_logps",
+           "train_dpo"]

@@ -176,7 +176,7 @@ def test_recipe_dpo_run_raises_preference_accuracy(dpo_data, lora_run, tmp_path,
 
 
 def test_dpo_curves_show_margins_logps_and_accuracy(lora_run, tmp_path):
-    from finetune.dpo import plot_dpo_curves
+    from finetune.plots import plot_dpo_curves
 
     history = json.loads((lora_run / "log_history.json").read_text())
     drawn = plot_dpo_curves(history, tmp_path / "c.png", before=0.4, after=0.8)
