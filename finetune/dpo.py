@@ -240,7 +240,7 @@ def dpo_memory_plan(cfg: Any, on_gpu: bool) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, log=print,
+def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log=print,
               callbacks: list | None = None) -> Any:
     """Preference-tune an adapter with TRL's DPOTrainer; the SFT run's folder, plan.txt, progress line,
     non-finite guard, checkpoints (manifest, resume), run.json, plus DPO's curves.
@@ -258,11 +258,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
 
     from .callbacks import CheckpointCallback, ProgressLineCallback
     from .fileio import write_atomic
-    from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
+    from .loading import load_config_and_tokenizer, load_weights
     from .lora import apply_lora
     from .plots import plot_dpo_curves
     from .recipe import restore_checkpoint_weights, save_emergency_checkpoint, step_warnings
-    from .run_folder import RUN_STATE, config_hash, library_versions, write_run_json
+    from .run_folder import RUN_STATE
     from .trainer import DivergedError, keep_4bit_layers_trainable, nonfinite_parameters
 
     on_gpu = torch.cuda.is_available()
@@ -375,21 +375,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
         tokenizer.save_pretrained(str(out / "adapter"))
         train_loss = trainer.run_train_loss()
-        run_info.update({
-            "status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": "dpo",
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir, "template_version": template,
-            "image_tokens": config.image_tokens, "quant_mode": cfg.quant.mode, "targets": cfg.lora.targets,
-            "start_adapter": cfg.dpo.start_adapter, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
-            "global_step": trainer.state.global_step, "train_loss": train_loss,
-            "skipped_nonfinite": trainer.skipped,
-            "preference_accuracy_before": before, "preference_accuracy_after": after,
-            "wall_seconds": round(wall, 2), "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
+                        wall_seconds=round(wall, 2), skipped_nonfinite=trainer.skipped,
+                        start_adapter=cfg.dpo.start_adapter, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                        preference_accuracy_before=before, preference_accuracy_after=after)
+        run_info.write(out)
         write_atomic(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
         plot_dpo_curves(trainer.state.log_history, out / "curves.png", before, after)
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import RunConfig, parse_recipe_args, to_yaml
-from .run_folder import config_hash, library_versions, prepare_run_folder, write_run_json
+from .run_folder import RunInfo, prepare_run_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +54,10 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     out = Path(cfg.output.dir)
     resume = prepare_run_folder(cfg, out, log if is_main else (lambda *_: None), clear=is_main)
     out.mkdir(parents=True, exist_ok=True)
-    run_info: dict = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "resumed_from": str(resume) if resume else None}
+    run_info = RunInfo(resumed_from=str(resume) if resume else None, method=cfg.train.method)
     if is_main:
         write_atomic(out / "recipe.resolved.yaml", to_yaml(cfg))
-        write_run_json(out, run_info)
+        run_info.write(out)
     try:
         if cfg.train.method == "dpo":  # preference tuning through TRL (finetune/dpo.py)
             from .dpo import train_dpo
@@ -67,9 +66,8 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         return _train(cfg, out, resume, run_info, is_main, world, log, callbacks)
     except BaseException as err:
         if is_main:
-            run_info.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000],
-                            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            write_run_json(out, run_info)
+            run_info.fail(err)
+            run_info.write(out)
         raise
 
 
@@ -85,7 +83,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
     from .data_building import SkipBadImages, build_datasets
     from .fileio import write_atomic
-    from .loading import base_fingerprint, build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
+    from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
     from .plots import plot_curves
     from .run_folder import RUN_STATE
@@ -237,27 +235,12 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         model.save_pretrained(str(out / "adapter"))
         extra_params.save(model, extra, out / "adapter")
         tokenizer.save_pretrained(str(out / "adapter"))
-        run_info.update({
-            "status": "completed",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir,
-            "template_version": template,
-            "image_tokens": config.image_tokens,
-            "quant_mode": cfg.quant.mode,
-            "targets": cfg.lora.targets,
-            "global_step": trainer.state.global_step,
-            "train_loss": train_loss,
-            "train_loss_tokens": trainer.run_loss_tokens + int(trainer._int_tokens),
-            "skipped_nonfinite": trainer.skipped,
-            "skipped_images": skipped_images.value if skipped_images is not None else 0,
-            "wall_seconds": round(wall, 2),
-            "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
+                        train_loss_tokens=trainer.run_loss_tokens + int(trainer._int_tokens),
+                        skipped_nonfinite=trainer.skipped,
+                        skipped_images=skipped_images.value if skipped_images is not None else 0,
+                        wall_seconds=round(wall, 2))
+        run_info.write(out)
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
             f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")

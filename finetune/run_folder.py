@@ -6,10 +6,12 @@ agree on one format.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +106,95 @@ def newest_complete_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path,
     return None, skipped
 
 
-def write_run_json(out: Path, info: dict) -> None:
-    """run.json: what the run is (status running/failed/completed) and, once completed, what merge needs."""
-    from .fileio import write_atomic
+RUN_JSON = "run.json"
+RUN_JSON_FORMAT = 1  # bump when a field changes meaning; readers refuse newer formats
 
-    write_atomic(out / "run.json", json.dumps(info, indent=2))
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class RunInfo:
+    """run.json: what a run is (status running / failed / completed) and, once completed, what merge, export,
+    predict and chat need to find and check its base. Written atomically at the start, on failure and at the end.
+
+    `extra` holds method-specific numbers (DPO's beta and accuracies, SFT's token counts); they are written at the
+    top level of the file like the fields, and unknown keys of a file read back land there, so nothing is lost.
+    """
+
+    status: str = "running"
+    started: str = field(default_factory=_now)
+    finished: str | None = None
+    error: str | None = None
+    resumed_from: str | None = None
+    method: str = "sft"
+    family: str | None = None  # finetune/models table name
+    family_version: int | None = None  # generation within the family (CogVLM 1 / CogVLM2 2)
+    base_checkpoint: str | None = None
+    base_config_hash: str | None = None
+    base_fingerprint: str | None = None
+    tokenizer_dir: str | None = None
+    template_version: str | None = None
+    image_tokens: int | None = None
+    quant_mode: str | None = None
+    targets: list[str] = field(default_factory=list)
+    global_step: int | None = None
+    train_loss: float | None = None
+    wall_seconds: float | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    format: int = RUN_JSON_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**out, **self.extra}
+
+    def write(self, folder: str | Path) -> Path:
+        return write_atomic(Path(folder) / RUN_JSON, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = RUN_JSON) -> RunInfo:
+        fmt = data.get("format", 1)
+        if not isinstance(fmt, int) or fmt > RUN_JSON_FORMAT:
+            raise ValueError(f"{where}: format {fmt!r} was written by a newer cogtune (this one reads format "
+                             f"<= {RUN_JSON_FORMAT}); upgrade cogtune to use this run")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RunInfo:
+        path = Path(folder) / RUN_JSON
+        return cls.from_dict(json.loads(path.read_text()), str(path))
+
+    def finish(self, cfg: RunConfig, config: Any, template: str, **numbers: Any) -> None:
+        """Mark completed and record the base (path, config hash, weight fingerprint, family) merge checks against."""
+        from .loading import base_fingerprint
+        from .models import family_of
+
+        self.status, self.finished, self.error = "completed", _now(), None
+        self.family = family_of(config).name
+        self.family_version = getattr(config, "cogvlm_version", None)
+        self.base_checkpoint = str(Path(cfg.model.checkpoint_dir).resolve())
+        self.base_config_hash = config_hash(cfg.model.checkpoint_dir)
+        self.base_fingerprint = base_fingerprint(cfg.model.checkpoint_dir)
+        self.tokenizer_dir = cfg.model.tokenizer_dir
+        self.template_version = template
+        self.image_tokens = config.image_tokens
+        self.quant_mode = cfg.quant.mode
+        self.targets = list(cfg.lora.targets)
+        self.versions = library_versions()
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in numbers.items():
+            if key in names:
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+
+    def fail(self, err: BaseException) -> None:
+        self.status, self.finished = "failed", _now()
+        self.error = f"{type(err).__name__}: {err}"[:2000]
 
 
 # Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
@@ -263,7 +349,11 @@ def resolve_adapter(path: str | Path) -> AdapterSource:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A metadata file as a dict ({} when absent); run.json goes through RunInfo (format check, same keys)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return RunInfo.from_dict(data, str(path)).to_dict() if path.name == RUN_JSON else data
 
 
 def resolve_base(source: AdapterSource, base: str | Path | None) -> Path:

@@ -444,3 +444,22 @@ def test_write_atomic_respects_the_umask(tmp_path, mask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_run_info_round_trip_keeps_unknown_keys_and_refuses_newer_formats(tmp_path):
+    from finetune.run_folder import RUN_JSON_FORMAT, RunInfo, read_json
+
+    info = RunInfo(resumed_from="x/checkpoint-3", method="dpo", extra={"beta": 0.1})
+    info.fail(ValueError("boom"))
+    info.write(tmp_path)
+    raw = json.loads((tmp_path / "run.json").read_text())
+    assert raw["status"] == "failed" and raw["error"] == "ValueError: boom" and raw["beta"] == 0.1
+    raw["added_by_a_later_minor_release"] = [1, 2]
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    back = RunInfo.read(tmp_path)
+    assert back.method == "dpo" and back.extra == {"beta": 0.1, "added_by_a_later_minor_release": [1, 2]}
+    assert back.to_dict() == raw
+    raw["format"] = RUN_JSON_FORMAT + 1
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="newer cogtune"):
+        read_json(tmp_path / "run.json")
