@@ -4,7 +4,8 @@ TRL's `DPOTrainer` does the preference work: the loss variants (`loss_type`), th
 log-probabilities (precomputed or on the fly), the reference as the base / starting adapter through
 peft (never a second full model in memory), the curves (rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracies, logps/chosen, logps/rejected), checkpointing and resume (it is a
-transformers `Trainer`). This module only adapts the inputs; two pieces of TRL are replaced, and why:
+transformers `Trainer`). The kit adapts the inputs: two pieces of TRL are replaced (they live in
+`finetune/dpo_data.py`, which does not import TRL), and why:
 
 * **Encoding.** TRL tokenizes `prompt + chosen` / `prompt + rejected` with a chat template, or, for
   vision data, through a `ProcessorMixin` whose images become `pixel_values`. A Cog sequence is
@@ -22,6 +23,10 @@ transformers `Trainer`). This module only adapts the inputs; two pieces of TRL a
 Everything else is TRL's own code path: its fused LM head (`add_fused_lm_head`) calls the kit's
 backbone (`model.model`, the `base_model_prefix`) with these inputs and projects only the completion
 positions through `lm_head`, so the kit's labelled-only logits saving carries over.
+
+This module adds what an SFT run has around the trainer: the memory plan (`dpo_memory_plan`), the
+non-finite guard (`CogDPOTrainer.compute_loss` / `log`), the progress line, checkpoint manifests and
+resume, run.json, and the preference curves (`finetune.plots.plot_dpo_curves`).
 """
 
 from __future__ import annotations
