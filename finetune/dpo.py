@@ -11,14 +11,15 @@ transformers `Trainer`). The kit adapts the inputs: two pieces of TRL are replac
   vision data, through a `ProcessorMixin` whose images become `pixel_values`. A Cog sequence is
   neither: it is BOS, a span of `image_tokens` placeholders typed VISION in `token_type_ids`, then the
   prompt in the official template, then the answer + EOS, and positions follow the token types. So each
-  pair is encoded here with the kit's own `encode_conversation` (the same one SFT and inference use;
+  pair is encoded with the kit's own processor (`CogVLMProcessor.encode`, the same one SFT and inference use;
   `last_turn_only=True`, so only the final answer is scored), and `CogDPOTrainer._prepare_dataset`
   returns the already-encoded dataset unchanged.
 * **Collation.** `PreferenceCollator` yields exactly the columns TRL's `DataCollatorForPreference`
   yields (`input_ids`, `attention_mask`, `completion_mask`, chosen rows first then rejected, plus
   `ref_chosen_logps` / `ref_rejected_logps` when precomputed) and the Cog extras `token_type_ids` and
   `images`, which TRL passes through to the model untouched. `completion_mask` is the kit's label mask
-  (answer tokens + EOS). No `position_ids`: the model derives them from the token types.
+  (answer tokens + EOS). The extras are the model's declared inputs (`model_input_names`) less those it
+  derives itself (no `position_ids`: the model derives them from the token types).
 
 Everything else is TRL's own code path: its fused LM head (`add_fused_lm_head`) calls the kit's
 backbone (`model.model`, the `base_model_prefix`) with these inputs and projects only the completion
@@ -164,14 +165,13 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
         Trainer._save_checkpoint(self, model, trial)
 
 
-def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg: Any, log=print) -> list[dict]:
+def _encode_or_skip(pairs: list, processor: Any, cfg: Any, log=print) -> list[dict]:
     from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
     for p in pairs:
         try:
-            rows.append(encode_pair(p, tokenizer, config, template_version=template, max_length=cfg.data.max_length,
-                                    allow_multi_image=cfg.data.allow_multi_image))
+            rows.append(encode_pair(p, processor))
         except RowTooLong as err:
             too_long.append(str(err))
     if too_long:
@@ -262,6 +262,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     from trl import DPOConfig
 
     from .callbacks import CheckpointCallback, ProgressLineCallback
+    from .data_building import processor_for_recipe
     from .fileio import write_atomic
     from .loading import load_config_and_tokenizer, load_weights
     from .lora import apply_lora
@@ -276,11 +277,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     plan.append(str(memory))
 
     config, tokenizer = load_config_and_tokenizer(cfg.model)
-    template = cfg.data.template_version or config.template_version
-    train_rows = _encode_or_skip(read_pairs_or_fail(cfg.data.train_path, cfg, log), tokenizer, config, template,
-                                 cfg, log)
-    eval_rows = (_encode_or_skip(read_pairs_or_fail(cfg.data.eval_path, cfg, log), tokenizer, config, template,
-                                 cfg, log) if cfg.data.eval_path else None)
+    processor = processor_for_recipe(cfg, config, tokenizer).with_settings(last_turn_only=True)
+    template = processor.template_version
+    train_rows = _encode_or_skip(read_pairs_or_fail(cfg.data.train_path, cfg, log), processor, cfg, log)
+    eval_rows = (_encode_or_skip(read_pairs_or_fail(cfg.data.eval_path, cfg, log), processor, cfg, log)
+                 if cfg.data.eval_path else None)
     log(f"dpo: {len(train_rows)} training pairs" + (f", {len(eval_rows)} held-out pairs" if eval_rows else ""))
     for line in step_warnings(cfg, len(train_rows)):
         log(f"warning: {line}")
@@ -303,7 +304,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
         write_atomic(out / "plan.txt", "\n".join(plan) + "\n")
     log(f"memory plan (estimate): {memory.total_gib:.2f} GiB {'per GPU' if on_gpu else 'of CPU RAM'}; recipe, "
         f"plan and tables in {out / 'recipe.resolved.yaml'} and {out / 'plan.txt'}")
-    collator = PreferenceCollator(tokenizer, config)
+    collator = PreferenceCollator(processor)
     before = preference_accuracy(model, collator, eval_rows) if eval_rows else None
     if before is not None:
         log(f"held-out preference accuracy before: {before:.3f}")
@@ -378,7 +379,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     if is_main:
         # Only the trained adapter: TRL's frozen "ref" copy is not part of the result.
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(out / "adapter"))
+        processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
         train_loss = trainer.run_train_loss()
         run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
                         wall_seconds=round(wall, 2), skipped_nonfinite=trainer.skipped,

@@ -4,7 +4,7 @@ Kept apart from `finetune/dpo.py` (the TRL trainer and the run) so that `cogtune
 that only encode or score pairs do not import TRL (several seconds).
 
 * `encode_pair` / `PreferenceCollator`: a pair as TRL's preference batch, encoded by the kit's own
-  `encode_conversation` (why, in `finetune/dpo.py`'s docstring).
+  processor (`CogVLMProcessor.encode`; why, in `finetune/dpo.py`'s docstring).
 * `sequence_logps` / `preference_accuracy`: summed answer log-probabilities from full logits, independent of
   TRL's fused head, so tests and the proof can check TRL's numbers against them.
 * `check_pair_file` / `pair_token_report`: `cogtune validate` for files of preference rows: every problem at
@@ -24,7 +24,7 @@ import torch
 
 from data_formats.schema import Conversation, Message, Problem
 
-from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, RowTooLong, encode_conversation
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor, RowTooLong
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair
@@ -47,25 +47,24 @@ def _without_first_turns(conv: Conversation, k: int) -> Conversation:
     return Conversation(conv.id, list(conv.images), systems + rest[2 * k:], conv.source)
 
 
-def encode_pair(pair: PreferencePair, tokenizer: Any, config: Any, *, template_version: str | None = None,
-                max_length: int | None = None, allow_multi_image: bool = False) -> dict[str, Any]:
+def encode_pair(pair: PreferencePair, processor: CogVLMProcessor) -> dict[str, Any]:
     """One pair -> a dataset row: chosen_/rejected_ input_ids, token_type_ids, labels, and the image refs.
 
-    Both sides are encoded by `encode_conversation` with `last_turn_only=True`: the labels (and so TRL's
-    completion mask) cover the final answer and its EOS only. When `max_length` makes the longer side drop old
-    turns, the other side drops as many, so that both answers follow the same prompt (DPO compares answers to
-    one prompt). A side that does not fit at all raises `RowTooLong`.
+    Both sides are encoded by the processor with `last_turn_only=True` (whatever it was built with): the
+    labels (and so TRL's completion mask) cover the final answer and its EOS only. When the processor's
+    `max_length` makes the longer side drop old turns, the other side drops as many, so that both answers
+    follow the same prompt (DPO compares answers to one prompt). A side that does not fit at all raises
+    `RowTooLong`.
     """
-    kw = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens,
-              template_version=template_version or config.template_version, max_length=max_length,
-              last_turn_only=True, allow_multi_image=allow_multi_image)
+    if not processor.last_turn_only:
+        processor = processor.with_settings(last_turn_only=True)
     sides = dict(zip(("chosen", "rejected"), pair_conversations(pair)))
-    encoded = {side: encode_conversation(conv, tokenizer, **kw) for side, conv in sides.items()}
+    encoded = {side: processor.encode(conv) for side, conv in sides.items()}
     k = max(e.dropped_turns for e in encoded.values())
     for side, e in encoded.items():
         if e.dropped_turns < k:
             try:
-                encoded[side] = encode_conversation(_without_first_turns(sides[side], k), tokenizer, **kw)
+                encoded[side] = processor.encode(_without_first_turns(sides[side], k))
                 encoded[side].dropped_turns = k
             except ValueError:  # interleaved images whose markers sit in the dropped turns: keep that side whole
                 pass
@@ -78,9 +77,9 @@ def encode_pair(pair: PreferencePair, tokenizer: Any, config: Any, *, template_v
     return row
 
 
-def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, config: Any, **kw: Any) -> list[dict[str, Any]]:
+def encode_pairs(pairs: Sequence[PreferencePair], processor: CogVLMProcessor) -> list[dict[str, Any]]:
     """`encode_pair` for every pair (kept in order)."""
-    return [encode_pair(p, tokenizer, config, **kw) for p in pairs]
+    return [encode_pair(p, processor) for p in pairs]
 
 
 @dataclass
@@ -90,11 +89,13 @@ class PreferenceCollator:
     Padding, token types and image loading are the kit's `CogVLMCollator`'s (right padding).
     """
 
-    tokenizer: Any
-    config: Any
+    processor: CogVLMProcessor
 
     def __post_init__(self) -> None:
-        self._cog = CogVLMCollator(self.tokenizer, self.config)
+        from .generation import generation_input_names
+
+        self._cog = CogVLMCollator(self.processor)
+        self._extras = generation_input_names(self.processor.model_input_names)
 
     def _side(self, rows: Sequence[dict[str, Any]], side: str) -> list[dict[str, Any]]:
         return [{"input_ids": r[f"{side}_input_ids"], "token_type_ids": r[f"{side}_token_type_ids"],
@@ -106,10 +107,10 @@ class PreferenceCollator:
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
             "completion_mask": (batch["labels"] != IGNORE_INDEX).long(),
-            "token_type_ids": batch["token_type_ids"],
         }
-        if batch["images"] is not None:
-            out["images"] = batch["images"]
+        for name in self._extras:  # token_type_ids, images, ...: TRL passes them to the model untouched
+            if name not in out and batch.get(name) is not None:
+                out[name] = batch[name]
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 out[key] = torch.tensor([float(r[key]) for r in rows])
@@ -221,27 +222,28 @@ def pair_token_report(pairs: list, info: Any, max_length: int | None,
     different number of old turns at `max_length` (the longer answer loses history first): training then drops
     as many from the shorter side (`encode_pair`), so that history is lost although it would fit.
     """
-    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
-                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
+    full = info.processor.with_settings(allow_multi_image=max_images is None or max_images > 1, max_length=None,
+                                        last_turn_only=True)
+    cut = full.with_settings(max_length=max_length)
     lengths: dict[str, list[int]] = {"chosen": [], "rejected": []}
     problems: list[Problem] = []
     truncated = dropped = uneven = 0
     for pair in pairs:
         sides = dict(zip(("chosen", "rejected"), pair_conversations(pair)))
         try:
-            full = {k: len(encode_conversation(c, info.tokenizer, **kwargs).input_ids) for k, c in sides.items()}
+            whole = {k: len(full.encode(c).input_ids) for k, c in sides.items()}
         except ValueError as exc:
             problems.append(Problem(pair.prompt.source, "row", f"cannot be encoded: {exc}", "", "error",
                                     "encode error"))
             continue
-        for k, n in full.items():
+        for k, n in whole.items():
             lengths[k].append(n)
-        if max_length is None or max(full.values()) <= max_length:
+        if max_length is None or max(whole.values()) <= max_length:
             continue
         drops: dict[str, int] = {}
         for k, conv in sides.items():
             try:
-                drops[k] = encode_conversation(conv, info.tokenizer, max_length=max_length, **kwargs).dropped_turns
+                drops[k] = cut.encode(conv).dropped_turns
             except RowTooLong:
                 drops[k] = -1
         if min(drops.values()) < 0:
@@ -251,8 +253,8 @@ def pair_token_report(pairs: list, info: Any, max_length: int | None,
         if drops["chosen"] != drops["rejected"]:
             uneven += 1
             problems.append(Problem(
-                pair.prompt.source, "row", f"at max_length {max_length} prompt+chosen ({full['chosen']} tokens) drops "
-                f"{drops['chosen']} old turn(s) but prompt+rejected ({full['rejected']} tokens) drops "
+                pair.prompt.source, "row", f"at max_length {max_length} prompt+chosen ({whole['chosen']} tokens) "
+                f"drops {drops['chosen']} old turn(s) but prompt+rejected ({whole['rejected']} tokens) drops "
                 f"{drops['rejected']}; training drops {max(drops.values())} from both, so that both answers follow "
                 "the same prompt", "shorten the history or the longer answer, or raise data.max_length, to keep the "
                 "history", "warning", "uneven truncation"))

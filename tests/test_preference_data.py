@@ -103,15 +103,13 @@ def _history_pairs(tmp_path):
 def test_validate_cli_warns_when_a_pair_drops_different_numbers_of_turns(tiny_checkpoints, tmp_path, capsys):
     from data_formats.preference import read_pairs
     from finetune.dpo_data import pair_conversations
-    from finetune.models.cogvlm.processing import encode_conversation
-    from finetune.tokenization import load_tokenizer
+    from finetune.models.cogvlm.processing import CogVLMProcessor
 
     path = _history_pairs(tmp_path)
-    tok = load_tokenizer(tiny_checkpoints[2], None)
+    processor = CogVLMProcessor.from_pretrained(tiny_checkpoints[2]).with_settings(last_turn_only=True)
     chosen, rejected = pair_conversations(read_pairs(path)[0][0])
-    kw = dict(family_version=2, image_tokens=0, template_version="chat", last_turn_only=True)
-    n_chosen = len(encode_conversation(chosen, tok, **kw).input_ids)
-    n_rejected = len(encode_conversation(rejected, tok, **kw).input_ids)
+    n_chosen = len(processor.encode(chosen).input_ids)
+    n_rejected = len(processor.encode(rejected).input_ids)
     assert n_rejected > n_chosen
     # prompt+chosen fits whole, prompt+rejected must drop the old turn
     rc, out = _validate(capsys, path, "--model", tiny_checkpoints[2], "--max-length", n_chosen)
@@ -128,14 +126,14 @@ def test_training_encoding_drops_as_many_turns_from_both_sides(tiny_checkpoints,
     """At a max_length where only prompt+rejected must drop the old turn, both sides drop it: one shared prompt."""
     from data_formats.preference import read_pairs
     from finetune.dpo_data import encode_pair
-    from finetune.tiny import tiny_config
-    from finetune.tokenization import load_tokenizer
+    from finetune.models.cogvlm.processing import CogVLMProcessor
 
     pair = read_pairs(_history_pairs(tmp_path))[0][0]
-    tok, config = load_tokenizer(tiny_checkpoints[2], None), tiny_config(2)
-    whole = encode_pair(pair, tok, config)
+    processor = CogVLMProcessor.from_pretrained(tiny_checkpoints[2])
+    tok = processor.tokenizer
+    whole = encode_pair(pair, processor)
     n_chosen, n_rejected = len(whole["chosen_input_ids"]), len(whole["rejected_input_ids"])
-    cut = encode_pair(pair, tok, config, max_length=n_chosen)
+    cut = encode_pair(pair, processor.with_settings(max_length=n_chosen))
     assert cut["chosen_dropped_turns"] == cut["rejected_dropped_turns"] == 1
     assert len(cut["chosen_input_ids"]) < n_chosen and len(cut["rejected_input_ids"]) <= n_chosen < n_rejected
     answer = len(tok.encode(pair.chosen, add_special_tokens=False)) + 1  # + EOS

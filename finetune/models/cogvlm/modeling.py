@@ -407,8 +407,14 @@ class EVA2CLIPModel(nn.Module):
             self.conv = nn.Conv2d(d, d, kernel_size=2, stride=2, bias=True)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.vision_config = dict(vc)
+        self.feature_cache = None  # finetune/feature_cache.py (data.feature_cache), set after LoRA is applied
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tower_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, P, D): the ViT without its cls token, after the optional 2x2 conv."""
+        if getattr(self, "tower_released", False):
+            raise RuntimeError("an image is missing from data.feature_cache and the vision tower's weights were "
+                               "released after every image of the run was cached (finetune/feature_cache.py)")
         x = self.patch_embedding(images)  # (N, g*g+1, D)
         x = self.transformer(x)
         x = x[:, 1:]  # drop cls -> (N, g*g, D)
@@ -417,7 +423,21 @@ class EVA2CLIPModel(nn.Module):
             g = int(p**0.5)
             x = x.view(n, g, g, d).permute(0, 3, 1, 2)  # (N, D, g, g)
             x = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)^2, D) row-major
-        x = self.linear_proj(x)  # (N, P, H)
+        return x
+
+    def glu_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, P, H): tower, then the GLU adapter into the language model's width."""
+        return self.linear_proj(self.tower_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cache = self.feature_cache
+        if cache is None:
+            x = self.glu_features(images)
+        elif cache.stage == "glu":
+            x = cache.lookup(images, self.glu_features)
+        else:  # the GLU adapter trains: only the tower's output is cached
+            x = self.linear_proj(cache.lookup(images, self.tower_features))
+        # x: (N, P, H)
         boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
         eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat((boi, x, eoi), dim=1)  # (N, P+2, H)
@@ -761,6 +781,9 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
 class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
+    # The inputs a batch carries, declared once: the collator's output keys, the dataset's columns, generation's
+    # inputs and the merge probes all read this (labels are the loss target, not an input).
+    model_input_names: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "images")
     _tied_weights_keys: dict[str, str] = {}
     # What the kit reads off the class instead of hard-coding module names elsewhere (docs/adding-a-family.md).
     target_spec: TargetSpec = COGVLM_TARGETS
