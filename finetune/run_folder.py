@@ -199,7 +199,7 @@ class RunInfo:
 
 # Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
 _KIT_NAMES = re.compile(
-    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|"
+    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|log_history\.json|"
     r"eval_predictions_step\d+\.jsonl)(\..*)?")
 
 
@@ -278,7 +278,7 @@ def prepare_run_folder(cfg: RunConfig, out: Path, log=print, clear: bool = True)
 
 # Sections whose change makes a checkpoint belong to another experiment (train.* may change on resume,
 # e.g. max_steps to train longer).
-_RESUME_SECTIONS = ("model", "data", "lora", "quant")
+_RESUME_SECTIONS = ("model", "data", "lora", "quant", "dpo")
 
 
 def check_same_recipe(saved: Path, cfg: RunConfig) -> None:

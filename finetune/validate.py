@@ -7,7 +7,9 @@ dropped) or drop. Exit code 1 when any row has an error, 0 otherwise; bad data n
 `--model` is a checkpoint folder (config.json + tokenizer) or a family name from
 `finetune/families.py`. Token lengths need a tokenizer: a family name alone (or a CogVLM1 folder,
 which ships none) gives the structural checks and image-token counts; add `--tokenizer-dir`.
-Training calls `load_and_validate`, which applies the same checks.
+Training calls `load_and_validate`, which applies the same checks. A file of preference rows
+(`chosen` / `rejected`, for DPO) gets the same checks as pairs, and the token lengths of prompt+chosen and
+prompt+rejected (`finetune/dpo_data.py`).
 """
 
 from __future__ import annotations
@@ -336,13 +338,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogtune validate: {exc}", file=sys.stderr)
         return 2
     max_images = None if args.max_images <= 0 else args.max_images
-    convs, report = check_file(args.data, image_root=args.image_root, max_images=max_images,
-                               check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
+    check, tokens = check_file, token_report
+    from data_formats.preference import is_preference_file
+
+    if is_preference_file(args.data):  # rows with chosen/rejected: checked as preference pairs (DPO)
+        from finetune.dpo_data import check_pair_file as check
+        from finetune.dpo_data import pair_token_report as tokens
+    convs, report = check(args.data, image_root=args.image_root, max_images=max_images,
+                          check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
     lines: list[str] = []
     if info.tokenizer is not None and convs:
-        lines, encode_problems = token_report(convs, info, args.max_length, max_images)
+        lines, encode_problems = tokens(convs, info, args.max_length, max_images)
         report.problems.extend(encode_problems)
-        report.valid -= len(encode_problems)
+        report.valid -= sum(p.level == "error" for p in encode_problems)
     report.problems.sort(key=lambda p: _line_of(p.source))
     for problem in report.problems:
         print(problem)
