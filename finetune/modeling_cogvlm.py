@@ -746,7 +746,8 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         qc = kwargs.get("quantization_config")
         if qc is not None and hasattr(qc, "llm_int8_skip_modules"):
             qc = copy.deepcopy(qc)
-            qc.llm_int8_skip_modules = sorted(set(qc.llm_int8_skip_modules or []) | set(FULL_PRECISION_MODULES))
+            keep = getattr(cls, "full_precision_modules", FULL_PRECISION_MODULES)
+            qc.llm_int8_skip_modules = sorted(set(qc.llm_int8_skip_modules or []) | set(keep))
             kwargs["quantization_config"] = qc
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -798,6 +799,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
+            **kwargs,  # family-specific inputs (CogAgent's cross_images)
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
         cache = {CACHE_NAME: getattr(outputs, CACHE_NAME)}
