@@ -240,14 +240,13 @@ def load_base(base_dir: Path, dtype: str, quantization_config: Any = None) -> An
     """The base model, unquantized unless `quantization_config` is given, in eval mode."""
     import torch
 
-    from finetune.loading import check_checkpoint_dir
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.loading import check_checkpoint_dir, model_classes
 
     base_dir = check_checkpoint_dir(base_dir)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    return CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs).eval()
+    return model_classes(base_dir)[1].from_pretrained(str(base_dir), **kwargs).eval()
 
 
 def attach_adapters(model: Any, adapters: list[tuple[str, AdapterSource]], base_dir: Path) -> Any:
@@ -321,10 +320,11 @@ def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> di
     collator = CogVLMCollator(tokenizer, config, template_version=template, padding_side="left",
                               add_generation_prompt=True)
     batch = collator(convs)
-    return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
+    return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images", "cross_images")
+            if k in batch}
 
 
-PROBE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "images", "reference")
+PROBE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "images", "cross_images", "reference")
 
 
 def save_probe(path: Path, probe: dict[str, Any], reference: Any, template: str) -> None:

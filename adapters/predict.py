@@ -52,8 +52,7 @@ class InferenceModel:
 
     def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None,
                  tokenizer_dir: str | Path | None = None, *, force_base: bool = False, log=None):
-        from finetune.configuration_cogvlm import CogVLMConfig
-        from finetune.loading import check_checkpoint_dir, require_folder
+        from finetune.loading import check_checkpoint_dir, model_classes, require_folder
 
         self.model_dir = check_checkpoint_dir(model_dir)
         if tokenizer_dir is not None:
@@ -62,7 +61,7 @@ class InferenceModel:
         # Cheap checks first (adapters against the base, tokenizer): they fail before the weights load.
         if self.adapters:
             check_adapters(self.adapters, self.model_dir, force_base=force_base, log=log or _warn)
-        config = CogVLMConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+        config = model_classes(self.model_dir)[0].from_pretrained(str(self.model_dir), local_files_only=True)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)

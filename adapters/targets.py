@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 
 _LAYER = r"model\.layers\.\d+\."
+_CROSS_BLOCK = r"model\.cross_vision\.vit\.model\.blocks\."
 
 # preset -> anchored pattern (re.fullmatch against the module's dotted name)
 PRESETS: dict[str, str] = {
@@ -23,6 +24,9 @@ PRESETS: dict[str, str] = {
     "vision_expert_mlp": _LAYER + r"mlp\.vision_mlp\.(?:gate|up|down)_proj",
     "vision_tower": r"model\.vision\.transformer\.layers\.\d+\.(?:attention\.(?:query_key_value|dense)|mlp\.fc[12])",
     "glu_adapter": r"model\.vision\.linear_proj\.(?:linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
+    # CogAgent: the decoder's cross-attention to the high-res features, and the EVA-L cross tower.
+    "cross_attn": _LAYER + r"cross_attn\.(?:query|key_value|dense)",
+    "cross_tower": _CROSS_BLOCK + r"\d+\.(?:attn\.(?:q_proj|k_proj|v_proj|proj)|mlp\.w[123])",
 }
 # Shorthands that expand to several presets.
 GROUPS: dict[str, list[str]] = {
@@ -45,6 +49,8 @@ COMPONENTS: list[tuple[str, str]] = [
     ("language expert mlp", PRESETS["language_expert_mlp"]),
     ("vision expert attn", PRESETS["vision_expert_attn"]),
     ("vision expert mlp", PRESETS["vision_expert_mlp"]),
+    ("cross attention (CogAgent)", _LAYER + r"cross_attn\..*"),
+    ("cross tower (CogAgent)", r"model\.cross_vision\..*"),
     ("vision tower", r"model\.vision\.(?:transformer|patch_embedding)\..*"),
     ("vision adapter (conv, GLU, boi/eoi)", r"model\.vision\.(?:conv|linear_proj|boi|eoi).*"),
     ("embeddings + lm_head", r"(?:model\.embed_tokens|lm_head)\..*"),
@@ -86,6 +92,10 @@ def gradient_free(names: Iterable[str]) -> list[str]:
         return []
     last = max(layers)
     dead = rf"model\.layers\.{last}\.(?:self_attn\.vision_expert_dense|mlp\.vision_mlp\.(?:gate|up|down)_proj)"
+    # CogAgent's cross tower builds its last block but never runs it (docs/architecture.md, CogAgent section).
+    blocks = [int(m.group(1)) for n in names if (m := re.match(_CROSS_BLOCK + r"(\d+)\.", n))]
+    if blocks:
+        dead += "|" + _CROSS_BLOCK + rf"{max(blocks)}\..*"
     return [n for n in names if re.fullmatch(dead, n)]
 
 
@@ -211,7 +221,8 @@ def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> 
     skipped = list(skipped)
     if skipped:
         lines.append(f"  skipped {len(skipped)} module(s) that can never train (last layer's vision-expert dense/MLP "
-                     f"only feed image-position logits, which carry no loss): {', '.join(skipped)}")
+                     f"only feed image-position logits, which carry no loss; CogAgent's last cross-tower block is "
+                     f"never run): {', '.join(skipped)}")
     return "\n".join(lines)
 
 

@@ -205,10 +205,13 @@ class ImageDecodeError(ImageError):
     constructible from one message string, as DataLoader workers re-raise exceptions that way."""
 
 
-def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`."""
+def _with_images(row: dict[str, Any], image_size: int, cross_image_size: int | None = None) -> dict[str, Any]:
+    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`.
+    `cross_image_size` (CogAgent): each image is also transformed at that size, as `cross_images`."""
     row = dict(row)
     try:
+        if cross_image_size:
+            row["cross_images"] = [load_and_transform_image(ref, cross_image_size) for ref in row["images"]]
         row["images"] = [load_and_transform_image(ref, image_size) for ref in row["images"]]  # each (3, S, S)
     except (ImageError, OSError) as exc:
         raise ImageDecodeError(f"row {row.get('id', '?')}: {exc}; run `cogtune validate` on the data, fix or "
@@ -219,15 +222,16 @@ def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
 class CogVLMDataset(torch.utils.data.Dataset):
     """Map-style view of encoded rows; `__getitem__` decodes and transforms the row's images (in the worker)."""
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, image_size: int, cross_image_size: int | None = None) -> None:
         self.encoded = encoded
         self.image_size = image_size
+        self.cross_image_size = cross_image_size
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return _with_images(self.encoded[i], self.image_size)
+        return _with_images(self.encoded[i], self.image_size, self.cross_image_size)
 
 
 class CogVLMIterableDataset(torch.utils.data.IterableDataset):
@@ -237,9 +241,10 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
     message on stderr (counted in `skipped_images` of the worker's copy), like rows that fail validation.
     """
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, image_size: int, cross_image_size: int | None = None) -> None:
         self.encoded = encoded
         self.image_size = image_size
+        self.cross_image_size = cross_image_size
         self.skipped_images = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -248,7 +253,7 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
         for i, row in enumerate(self.encoded):
             if i % workers == worker:
                 try:
-                    item = _with_images(row, self.image_size)
+                    item = _with_images(row, self.image_size, self.cross_image_size)
                 except ImageDecodeError as exc:  # streaming skips rows it cannot use, as it does invalid ones
                     self.skipped_images += 1
                     print(f"streaming: skipped {exc}", file=sys.stderr)
@@ -256,13 +261,16 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
                 yield item
 
 
-def build_torch_dataset(encoded: Any, image_size: int) -> CogVLMDataset | CogVLMIterableDataset:
-    """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator."""
+def build_torch_dataset(
+    encoded: Any, image_size: int, cross_image_size: int | None = None
+) -> CogVLMDataset | CogVLMIterableDataset:
+    """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator.
+    `cross_image_size`: CogAgent's high-res size (each item then also carries `cross_images`)."""
     from datasets import IterableDataset
 
     if isinstance(encoded, IterableDataset):
-        return CogVLMIterableDataset(encoded, image_size)
-    return CogVLMDataset(encoded, image_size)
+        return CogVLMIterableDataset(encoded, image_size, cross_image_size)
+    return CogVLMDataset(encoded, image_size, cross_image_size)
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -53,6 +53,9 @@ def prepare_batch(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     out = {k: batch[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}
     if batch.get("images") is not None:
         out["images"] = batch["images"].to(device=device, dtype=_param_dtype(model, "patch_embedding.proj.weight"))
+    if batch.get("cross_images") is not None:  # CogAgent's high-res copies
+        dtype = _param_dtype(model, "patch_embed.proj.weight")
+        out["cross_images"] = batch["cross_images"].to(device=device, dtype=dtype)
     return out
 
 

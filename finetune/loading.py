@@ -64,8 +64,8 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file}: expected a JSON object, found {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in (None, "cogvlm") or not isinstance(cfg.get("vision_config"), dict):
-        kind = f"model_type {model_type!r}" if model_type not in (None, "cogvlm") else "no vision_config"
+    if model_type not in (None, "cogvlm", "cogagent") or not isinstance(cfg.get("vision_config"), dict):
+        kind = f"model_type {model_type!r}" if model_type not in (None, "cogvlm", "cogagent") else "no vision_config"
         arch = ", ".join(cfg.get("architectures") or []) or "?"
         raise CheckpointError(f"{cfg_file}: {kind} (architectures: {arch}): not a CogVLM/CogVLM2 image checkpoint. "
                               "Point model.checkpoint_dir (or --model/--base) at a CogVLM or CogVLM2 folder.")
@@ -180,18 +180,31 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
+def model_classes(checkpoint_dir: str | Path) -> tuple[Any, Any]:
+    """(config class, model class) of a checkpoint folder, chosen by its config.json `architectures[0]`."""
+    path = Path(checkpoint_dir)
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").is_file() else {}
+    if (cfg.get("architectures") or [None])[0] == "CogAgentForCausalLM" or cfg.get("model_type") == "cogagent":
+        from .models.cogagent.configuration import CogAgentConfig
+        from .models.cogagent.modeling import CogAgentForCausalLM
+
+        return CogAgentConfig, CogAgentForCausalLM
+    from .configuration_cogvlm import CogVLMConfig
+    from .modeling_cogvlm import CogVLMForCausalLM
+
+    return CogVLMConfig, CogVLMForCausalLM
+
+
 def build_meta_model(checkpoint_dir: str | Path):
     """The model's module tree with no weights (meta device): for target reports and key checks."""
     import torch
 
-    from .configuration_cogvlm import CogVLMConfig
-    from .modeling_cogvlm import CogVLMForCausalLM
-
     path = require_folder(checkpoint_dir)
     read_checkpoint_config(path)
-    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
+    config_class, model_class = model_classes(path)
+    config = config_class.from_pretrained(str(path), local_files_only=True)
     with torch.device("meta"):
-        return CogVLMForCausalLM(config)
+        return model_class(config)
 
 
 def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
@@ -218,13 +231,12 @@ def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
 
 def load_config_and_tokenizer(model_cfg: ModelSection):
     """(config, tokenizer) without loading weights: cheap checks (family, tokenizer) fail before the big load."""
-    from .configuration_cogvlm import CogVLMConfig
     from .tokenization import load_tokenizer
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     if model_cfg.tokenizer_dir is not None:
         require_folder(model_cfg.tokenizer_dir, "model.tokenizer_dir")
-    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
+    config = model_classes(path)[0].from_pretrained(str(path), local_files_only=True)
     if model_cfg.family:
         from .families import family_mismatch
 
@@ -236,8 +248,6 @@ def load_config_and_tokenizer(model_cfg: ModelSection):
 
 def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
     """The model with its weights, in the recipe's dtype and (optional) 4/8-bit quantization."""
-    from .modeling_cogvlm import CogVLMForCausalLM
-
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     dtype = resolve_dtype(model_cfg.dtype)
     kwargs = {"dtype": dtype, "local_files_only": True}
@@ -246,7 +256,7 @@ def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None,
         kwargs["quantization_config"] = bnb
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return CogVLMForCausalLM.from_pretrained(str(path), **kwargs)
+    return model_classes(path)[1].from_pretrained(str(path), **kwargs)
 
 
 def load_model(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):

@@ -162,6 +162,7 @@ class EncodedExample:
     images: list[Any] = field(default_factory=list)  # refs (path / data: URL), or already-transformed tensors
     dropped_turns: int = 0
     id: str = ""
+    cross_images: list[Any] = field(default_factory=list)  # CogAgent: the same pictures, transformed at cross size
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -428,6 +429,10 @@ class CogVLMCollator:
             raise ValueError("no pad id: the tokenizer has no pad token and config.pad_token_id is unset")
         self.pad_token_id = int(pad)
         self.image_size = int(self.config.vision_config["image_size"])
+        # CogAgent: its own prompt table, and every image also goes to the cross tower at cross_image_size.
+        self.cross_image_size = getattr(self.config, "cross_image_size", None)
+        if self.family is None and getattr(self.config, "model_type", None) == "cogagent":
+            self.family = "cogagent"
 
     def encode(self, conv: Conversation) -> EncodedExample:
         """encode_conversation with this collator's settings."""
@@ -443,11 +448,20 @@ class CogVLMCollator:
         if isinstance(item, dict):
             return EncodedExample(list(item["input_ids"]), list(item["token_type_ids"]), list(item["labels"]),
                                   list(item.get("images") or []), int(item.get("dropped_turns") or 0),
-                                  str(item.get("id") or ""))
+                                  str(item.get("id") or ""), list(item.get("cross_images") or []))
         return self.encode(item)
 
     def _image(self, ref: Any) -> torch.Tensor:
         return ref if isinstance(ref, torch.Tensor) else load_and_transform_image(ref, self.image_size)
+
+    def _cross_images(self, e: EncodedExample) -> list[torch.Tensor]:
+        """CogAgent's high-res copies of an example's images: given by the dataset, or made here from the refs."""
+        if len(e.cross_images) == len(e.images):
+            return list(e.cross_images)
+        if any(isinstance(ref, torch.Tensor) for ref in e.images):
+            raise ValueError(f"example {e.id!r}: images are already transformed but no cross_images were given; "
+                             "CogAgent needs both sizes (build the dataset with cross_image_size)")
+        return [load_and_transform_image(ref, self.cross_image_size) for ref in e.images]
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor | None]:
         if any(isinstance(x, (list, tuple)) for x in items):  # packs planned over the dataset: one row each
@@ -475,6 +489,7 @@ class CogVLMCollator:
         labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((b, width), dtype=torch.long)
         images: list[torch.Tensor] = []
+        cross: list[torch.Tensor] = []
         for r, group in enumerate(groups):
             used = sum(len(examples[i]) for i in group)
             start = width - used if self.padding_side == "left" else 0
@@ -489,8 +504,10 @@ class CogVLMCollator:
                 # where the official rule would give 1 (§8.1); equals the model's default_position_ids.
                 position_ids[r, sl] = build_position_ids(token_type_ids[r:r + 1, sl])[0]
                 images += [self._image(ref) for ref in e.images]
+                if self.cross_image_size:
+                    cross += self._cross_images(e)
                 start += len(e)
-        return {
+        out = {
             "input_ids": input_ids,
             "token_type_ids": token_type_ids,
             "attention_mask": attention_mask,
@@ -498,3 +515,6 @@ class CogVLMCollator:
             "position_ids": position_ids,
             "images": torch.stack(images) if images else None,  # (N, 3, S, S)
         }
+        if self.cross_image_size:  # CogAgent: (N, 3, S', S'), one per image, same order
+            out["cross_images"] = torch.stack(cross) if cross else None
+        return out

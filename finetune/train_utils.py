@@ -449,7 +449,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
                     max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
                     allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root,
-                    allow_outside_images=cfg.data.allow_outside_images)
+                    allow_outside_images=cfg.data.allow_outside_images, family=collator.family)
     encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")
@@ -457,7 +457,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
             log(f"  skipped: {line}")
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
-    train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
+    train = build_torch_dataset(encoded, int(config.vision_config["image_size"]), collator.cross_image_size)
     if cfg.data.packing and not cfg.data.streaming:  # plan packs over the whole dataset (see PackedDataset)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         train = PackedDataset(train, lengths, cfg.data.max_length)
