@@ -1,0 +1,110 @@
+"""Tiny CogAgent end to end: collator inputs, LoRA training (loss drops), verified merge, batched generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from adapters import merge as merge_mod
+from adapters.targets import PRESETS, gradient_free, linear_module_names, resolve_targets
+from data_formats.schema import Conversation, Message
+from finetune.config import load_recipe
+from finetune.demo import RECIPE, write_task
+from finetune.processing_cogvlm import CogVLMCollator, load_and_transform_image
+from finetune.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cogagent")
+    base = make_tiny(1, root / "base", seed=1, family="cogagent")
+    train_path, eval_path = write_task(root / "data", n_train=16, n_eval=4, seed=1)
+    return base, train_path, eval_path
+
+
+def test_make_tiny_cogagent_writes_a_loadable_official_layout(task):
+    from finetune.loading import build_meta_model, model_classes
+
+    config = json.loads((task[0] / "config.json").read_text())
+    assert config["architectures"] == ["CogAgentForCausalLM"] and config["cross_image_size"] == 56
+    assert model_classes(task[0])[1].__name__ == "CogAgentForCausalLM"
+    assert type(build_meta_model(task[0])).__name__ == "CogAgentForCausalLM"
+
+
+def test_collator_makes_both_images_from_one_picture_with_the_cogagent_prompt(task):
+    from finetune.loading import model_classes
+    from finetune.tokenization import load_tokenizer
+
+    config = model_classes(task[0])[0].from_pretrained(str(task[0]))
+    tok = load_tokenizer(task[0], None, config)
+    picture = task[1].parent / "images" / "train_0000.png"
+    conv = Conversation("r", [str(picture)], [Message("user", "<image>Where?"), Message("assistant", "here")])
+    batch = CogVLMCollator(tok, config)([conv, conv])
+    assert batch["images"].shape == (2, 3, 28, 28) and batch["cross_images"].shape == (2, 3, 56, 56)
+    torch.testing.assert_close(batch["cross_images"][0], load_and_transform_image(picture, 56))
+    torch.testing.assert_close(batch["images"][0], load_and_transform_image(picture, 28))
+    text = tok.decode(batch["input_ids"][0][batch["token_type_ids"][0] == 0])
+    assert "[INST] Where? [/INST]" in text  # CogAgent's own chat template, not CogVLM's "Question: ... Answer:"
+
+
+def test_cross_presets_match_and_skip_the_never_run_block(task):
+    from finetune.loading import build_meta_model
+
+    meta = build_meta_model(task[0])
+    names = [n for n, _ in meta.named_modules()]
+    _, matches, skipped = resolve_targets(["cross_attn", "cross_tower"], names, linear_module_names(meta))
+    assert len(matches["cross_attn"]) == 2 * 3  # query, key_value, dense in each of the 2 layers
+    assert len(matches["cross_tower"]) == 2 * 7  # q/k/v/proj + w1/w2/w3 in the 2 blocks that run
+    assert all(".blocks.2." in n for n in skipped) and len(skipped) == 7
+    assert "cross_attn" in PRESETS and gradient_free(names)
+
+
+class _Losses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, monkeypatch):
+    from finetune.generation import generate_answers
+    from finetune.loading import model_classes
+    from finetune.recipe import train
+    from finetune.tokenization import load_tokenizer
+
+    base, train_path, eval_path = task
+    cfg = load_recipe(RECIPE, [f"model.checkpoint_dir={base}", f"data.train_path={train_path}",
+                               f"data.eval_path={eval_path}", f"output.dir={tmp_path / 'run'}", "train.max_steps=12",
+                               "train.per_device_train_batch_size=4", "train.logging_steps=1",
+                               "train.report_to=[none]", "eval.generation_rows=0", "train.gradient_checkpointing=true",
+                               "lora.targets=[experts,cross_attn,cross_tower]", "data.max_length=48"])
+    losses = _Losses()
+    out = train(cfg, log=lambda *_: None, callbacks=[losses])
+    assert len(losses.losses) == 12
+    assert sum(losses.losses[-3:]) / 3 < 0.85 * sum(losses.losses[:3]) / 3, losses.losses  # ~6.2 -> ~4.8
+
+    monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
+        **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
+    logs: list[str] = []
+    merged = tmp_path / "merged"
+    rep = merge_mod.merge_adapter(out, merged, log=logs.append)
+    assert rep.stats["max_abs_diff"] < 1e-4 < rep.adapter_effect
+    assert "verification passed" in "\n".join(logs)
+    assert set(json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]) == \
+        merge_mod.checkpoint_keys(base)
+
+    model_class = model_classes(merged)[1]
+    model = model_class.from_pretrained(str(merged)).eval()  # strict
+    tok = load_tokenizer(merged, None, model.config)
+    from finetune.validate import check_file
+
+    convs, _ = check_file(eval_path, image_root=None, max_images=1, check_images=True, allow_outside_images=False)
+    together = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=3, batch_size=4)
+    alone = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=3, batch_size=1)[0]
+             for c in convs]
+    assert together == alone and all(isinstance(a, str) for a in together)
