@@ -153,6 +153,10 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     if not graded:
         return None
     metrics = score([r["prediction"] for r in graded], [r["reference"] for r in graded])
+    from finetune.gui_metrics import is_action, score_actions
+
+    if any(is_action(r["reference"]) for r in graded):  # GUI-agent rows (CogAgent): step-level action metrics
+        metrics.update(score_actions([r["prediction"] for r in graded], [r["reference"] for r in graded]))
     metrics.update({"adapter": im.active, "template_version": tmpl, "data": str(data)})
     write_atomic(metrics_path(out), json.dumps(metrics, indent=2) + "\n")
     respect_umask(metrics_path(out))

@@ -22,7 +22,7 @@ from typing import Literal, get_args
 from data_formats.common import Record
 from data_formats.schema import parse_row, write_jsonl
 
-Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf"]
+Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "mind2web"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 
@@ -53,6 +53,10 @@ def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record
         from data_formats import glm
 
         return glm.convert(src, image_root=root)
+    if fmt == "mind2web":  # GUI action steps -> CogAgent "Plan / Next Action / Grounded Operation" rows
+        from data_formats import mind2web
+
+        return mind2web.convert(src, image_root=root)
     if fmt == "hf":
         from data_formats import hf
 
