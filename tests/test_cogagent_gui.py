@@ -74,3 +74,27 @@ def test_step_metrics():
     metrics = score_actions(["Grounded Operation: -> CLICK at the box [[760,052,808,099]]", "nothing", "free"],
                             [click, ref, "a plain answer"])
     assert metrics == {"action_rows": 2, "operation_accuracy": 0.5, "element_accuracy": 0.5, "step_success": 0.5}
+
+
+def test_predict_scores_gui_rows_with_action_metrics(records, tmp_path):
+    import json
+    import shutil
+
+    from adapters.predict import InferenceModel, metrics_path, predict
+    from finetune.tiny import make_tiny
+
+    base = make_tiny(1, tmp_path / "base", seed=0, family="cogagent")
+    (tmp_path / "images").mkdir()
+    for name in ("red.png", "blue.png"):
+        shutil.copy(FIXTURE.parent / "images" / name, tmp_path / "images" / name)
+    rows = [row for _, row, _ in records if row]
+    for row in rows:
+        row["images"] = ["images/" + Path(row["images"][0]).name]
+    data = tmp_path / "gui.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = predict(InferenceModel(base, []), data, tmp_path / "pred.jsonl", batch_size=2, max_new_tokens=4,
+                      log=lambda *_: None)
+    assert metrics["action_rows"] == 3
+    for key in ("operation_accuracy", "element_accuracy", "step_success"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert json.loads(metrics_path(tmp_path / "pred.jsonl").read_text())["action_rows"] == 3

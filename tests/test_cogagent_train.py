@@ -108,3 +108,33 @@ def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, mo
     alone = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=3, batch_size=1)[0]
              for c in convs]
     assert together == alone and all(isinstance(a, str) for a in together)
+
+
+def test_qlora_quantizes_decoder_linears_and_keeps_both_towers_full_precision(task):
+    from finetune.config import ModelSection, QuantSection
+    from finetune.loading import load_weights
+
+    model = load_weights(ModelSection(checkpoint_dir=str(task[0]), dtype="float32"),
+                         QuantSection(mode="nf4", bnb_4bit_compute_dtype="float32"))
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["model.layers.0.cross_attn.key_value"] == "Linear4bit"
+    assert kinds["model.layers.1.self_attn.vision_expert_query_key_value"] == "Linear4bit"
+    tower = [k for n, k in kinds.items() if n.startswith(("model.cross_vision.", "model.vision.")) and "Linear" in k]
+    assert tower and set(tower) == {"Linear"}
+    assert kinds["lm_head"] == "Linear"
+
+
+def test_shipped_recipe_targets_and_memory_plan_on_the_official_config(tmp_path):
+    import shutil
+
+    from adapters.targets import memory_plan_for
+    from finetune.loading import build_meta_model
+    from tests.conftest import REFERENCE
+
+    shutil.copy(REFERENCE / "configs" / "cogagent-chat-hf.config.json", tmp_path / "config.json")
+    cfg = load_recipe("recipes/cogagent-lora.yaml", [f"model.checkpoint_dir={tmp_path}"])
+    meta = build_meta_model(tmp_path)
+    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    assert len(matches["cross_attn"]) == 96  # query, key_value, dense x 32 layers
+    plan = str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit]))
+    assert "cross K/V (CogAgent)" in plan and "cross tower (CogAgent)" in plan and "18.29B" in plan

@@ -115,3 +115,27 @@ def tiny_cogagent_config(special_ids: dict[str, Any], **overrides: Any) -> CogAg
     kwargs.update(special_ids)
     kwargs.update(overrides)
     return CogAgentConfig(**kwargs)
+
+
+def cross_memory_rows(config: CogAgentConfig, lora_targets: list[str], batch: int, act_bytes: int,
+                      checkpointing: bool) -> list[tuple[str, float, str]]:
+    """Memory-plan rows (name, GiB, basis) for CogAgent's cross branch; shapes only.
+
+    The cross K/V of every decoder layer (B x P x 2 Cc) are saved for backward (all layers, or one recomputed
+    with checkpointing); the cross tower keeps its blocks' activations only when LoRA trains it.
+    """
+    gib = 1024**3
+    cv = config.cross_vision_config
+    p = config.cross_grid**2
+    kv_layer = batch * p * 2 * config.cross_compute_hidden_size * act_bytes
+    n_kv = 1 if checkpointing else config.num_hidden_layers
+    rows = [("activations: cross K/V (CogAgent)", n_kv * kv_layer / gib,
+             f"{n_kv} layer(s) x {batch}x{p} cross tokens x 2x{config.cross_compute_hidden_size}")]
+    block = batch * (p + 1) * (6 * cv["hidden_size"] + 3 * cv["intermediate_size"]) * act_bytes
+    if "cross_tower" in lora_targets:
+        kept = 1 if checkpointing else cv["num_hidden_layers"] - 1
+        rows.append(("activations: cross tower (CogAgent)", kept * block / gib,
+                     "one block (checkpointing)" if checkpointing else "all run blocks kept (LoRA in the tower)"))
+    else:
+        rows.append(("activations: cross tower (CogAgent)", block / gib, "frozen: one block live, forward only"))
+    return rows
