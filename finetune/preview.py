@@ -212,7 +212,8 @@ def _encode(view: RowView, info: Any, opts: Options) -> None:
     from .processing_cogvlm import RowTooLong, encode_conversation
 
     kwargs = dict(family_version=info.version, image_tokens=info.image_tokens, template_version=info.template_version,
-                  last_turn_only=opts.last_turn_only, allow_multi_image=opts.max_images is None or opts.max_images > 1)
+                  last_turn_only=opts.last_turn_only, allow_multi_image=opts.max_images is None or opts.max_images > 1,
+                  family=getattr(info, "prompt_family", None))
     try:
         full = encode_conversation(view.conv, info.tokenizer, **kwargs)
     except ValueError as exc:

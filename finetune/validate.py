@@ -219,6 +219,7 @@ class ModelInfo:
     template_version: str
     tokenizer: Any = None
     tokenizer_note: str = ""
+    prompt_family: str | None = None  # "cogagent": CogAgent's prompt table
 
 
 def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -> ModelInfo:
@@ -229,10 +230,13 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
         from finetune.loading import read_checkpoint_config
 
         try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
-            cfg = CogVLMConfig(**read_checkpoint_config(folder))
+            raw = read_checkpoint_config(folder)
+            cfg = CogVLMConfig(**raw)
         except (OSError, TypeError, ValueError) as exc:
             raise ValueError(f"--model {model}: {exc}") from None
         info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
+        if raw.get("model_type") == "cogagent" or "CogAgentForCausalLM" in (raw.get("architectures") or []):
+            info.prompt_family = "cogagent"
         from finetune.tokenization import load_tokenizer
 
         try:
@@ -245,7 +249,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     if model not in FAMILIES:
         get_family(model)  # raises with the nearest names
     spec = FAMILIES[model]
-    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version)
+    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version,
+                     prompt_family="cogagent" if model.startswith("cogagent") else None)
     if tokenizer_dir:
         from finetune.tokenization import load_tokenizer
 
@@ -272,7 +277,8 @@ def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | N
     truncated = dropped = 0
     problems: list[Problem] = []
     kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
-                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
+                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1,
+                  family=info.prompt_family)
     for conv in convs:
         try:
             n = len(encode_conversation(conv, info.tokenizer, **kwargs).input_ids)

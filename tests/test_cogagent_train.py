@@ -138,3 +138,17 @@ def test_shipped_recipe_targets_and_memory_plan_on_the_official_config(tmp_path)
     assert len(matches["cross_attn"]) == 96  # query, key_value, dense x 32 layers
     plan = str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit]))
     assert "cross K/V (CogAgent)" in plan and "cross tower (CogAgent)" in plan and "18.29B" in plan
+
+
+def test_validate_counts_tokens_with_the_cogagent_template(task):
+    from finetune.loading import model_classes
+    from finetune.validate import check_file, resolve_model, token_report
+
+    info = resolve_model(str(task[0]), None, None)
+    assert info.prompt_family == "cogagent" and info.image_tokens == 6
+    convs, _ = check_file(task[2], image_root=None, max_images=1, check_images=False, allow_outside_images=False)
+    lines, problems = token_report(convs, info, None, 1)
+    config = model_classes(task[0])[0].from_pretrained(str(task[0]))
+    batch = CogVLMCollator(info.tokenizer, config)(convs)
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    assert not problems and f"max {longest}" in "\n".join(lines)
