@@ -192,6 +192,24 @@ def build_models(official: types.ModuleType, seed: int) -> tuple[nn.Module, nn.M
     return ref, ours, cfg
 
 
+def check_official_load(ours: nn.Module, ref: nn.Module) -> str:
+    """Save ours in the official layout (what merge writes) and load the files into the official model."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp, max_shard_size="200KB")
+        state: dict[str, torch.Tensor] = {}
+        for shard in Path(tmp).glob("*.safetensors"):
+            state.update(load_file(str(shard)))
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    extra = [k for k in missing if ".attn.rope." not in k]  # per-block views of the one stored table
+    if extra or unexpected:
+        raise SystemExit(f"official load: missing {extra[:5]}, unexpected {unexpected[:5]}")
+    return f"{len(state)} tensors, none missing or unexpected (besides {len(missing)} per-block rope views)"
+
+
 def make_case(cfg: Any, n_text: int, gen: torch.Generator, image: bool = True, answer: int = 0) -> dict[str, Any]:
     ids, tt = [cfg.bos_token_id], [0]
     if image:
@@ -282,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny CogAgent: H={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads} "
           f"image_tokens={cfg.image_tokens} cross {cfg.cross_image_size}px grid {cfg.cross_grid}x{cfg.cross_grid} "
           f"width {cv['hidden_size']} blocks {cv['num_hidden_layers']} (last skipped); state_dict strict OK")
+    print(f"our saved checkpoint loads into the official model: {check_official_load(ours, ref)}")
     gen = torch.Generator().manual_seed(args.seed + 1)
     cases = [
         ("a: BOS+image+text", make_case(cfg, 10, gen), True),
