@@ -11,7 +11,6 @@ point, kept there by tests/test_memory.py); not yet checked on a GPU at full siz
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -19,7 +18,6 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes nf4/fp4: 4 bits + one fp32 absmax per 64 weights; double quantization stores the absmax
 # in 8 bits with an fp32 scale per 256 blocks.
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
-_QUANTIZED = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\..*")
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
 
 
@@ -39,6 +37,15 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def quantized_weight_names(model) -> set[str]:
+    """Weights bitsandbytes quantizes: every Linear's weight outside the model class's `full_precision_modules`."""
+    import torch.nn as nn
+
+    keep = tuple(getattr(type(model), "full_precision_modules", ()))
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not any(name == k or name.startswith(k + ".") for k in keep)}
+
+
 def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
                 lora_in_features: int = 0, on_gpu: bool = True) -> MemoryPlan:
     """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read).
@@ -51,8 +58,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
     quant_params = other_params = 0
+    quantized = quantized_weight_names(model) if quant != "none" else set()
     for name, p in model.named_parameters():
-        if quant != "none" and _QUANTIZED.fullmatch(name) and p.dim() == 2:
+        if name in quantized:
             quant_params += p.numel()
         else:
             other_params += p.numel()

@@ -9,11 +9,12 @@ import torch
 from transformers import TrainerCallback
 
 from adapters import merge as merge_mod
-from adapters.targets import PRESETS, gradient_free, linear_module_names, resolve_targets
+from adapters import merge_verify
+from adapters.demo import RECIPE, write_task
 from data_formats.schema import Conversation, Message
 from finetune.config import load_recipe
-from finetune.demo import RECIPE, write_task
-from finetune.processing_cogvlm import CogVLMCollator, load_and_transform_image
+from finetune.models.cogvlm.processing import CogVLMCollator, load_and_transform_image
+from finetune.targets import gradient_free, resolve_targets, spec_of
 from finetune.tiny import make_tiny
 
 
@@ -26,26 +27,32 @@ def task(tmp_path_factory):
 
 
 def test_make_tiny_cogagent_writes_a_loadable_official_layout(task):
-    from finetune.loading import build_meta_model, model_classes
+    from finetune.loading import build_meta_model
+    from finetune.models import load_config, model_class_for
 
     config = json.loads((task[0] / "config.json").read_text())
     assert config["architectures"] == ["CogAgentForCausalLM"] and config["cross_image_size"] == 56
-    assert model_classes(task[0])[1].__name__ == "CogAgentForCausalLM"
+    assert model_class_for(load_config(task[0])).__name__ == "CogAgentForCausalLM"
     assert type(build_meta_model(task[0])).__name__ == "CogAgentForCausalLM"
 
 
 def test_collator_makes_both_images_from_one_picture_with_the_cogagent_prompt(task):
-    from finetune.loading import model_classes
+    from finetune.models import load_config
     from finetune.tokenization import load_tokenizer
 
-    config = model_classes(task[0])[0].from_pretrained(str(task[0]))
+    config = load_config(task[0])
     tok = load_tokenizer(task[0], None, config)
     picture = task[1].parent / "images" / "train_0000.png"
     conv = Conversation("r", [str(picture)], [Message("user", "<image>Where?"), Message("assistant", "here")])
     batch = CogVLMCollator(tok, config)([conv, conv])
     assert batch["images"].shape == (2, 3, 28, 28) and batch["cross_images"].shape == (2, 3, 56, 56)
-    torch.testing.assert_close(batch["cross_images"][0], load_and_transform_image(picture, 56))
-    torch.testing.assert_close(batch["images"][0], load_and_transform_image(picture, 28))
+    from finetune.models.cogagent.processing import picture_pair
+
+    low, high = picture_pair(picture, config)
+    assert low.shape == (3, 28, 28) and high.shape == (3, 56, 56)
+    torch.testing.assert_close(batch["cross_images"][0], high)
+    torch.testing.assert_close(batch["images"][0], low)
+    torch.testing.assert_close(high, load_and_transform_image(picture, 56))
     text = tok.decode(batch["input_ids"][0][batch["token_type_ids"][0] == 0])
     assert "[INST] Where? [/INST]" in text  # CogAgent's own chat template, not CogVLM's "Question: ... Answer:"
 
@@ -55,11 +62,11 @@ def test_cross_presets_match_and_skip_the_never_run_block(task):
 
     meta = build_meta_model(task[0])
     names = [n for n, _ in meta.named_modules()]
-    _, matches, skipped = resolve_targets(["cross_attn", "cross_tower"], names, linear_module_names(meta))
+    _, matches, skipped = resolve_targets(["cross_attn", "cross_tower"], meta)
     assert len(matches["cross_attn"]) == 2 * 3  # query, key_value, dense in each of the 2 layers
     assert len(matches["cross_tower"]) == 2 * 7  # q/k/v/proj + w1/w2/w3 in the 2 blocks that run
     assert all(".blocks.2." in n for n in skipped) and len(skipped) == 7
-    assert "cross_attn" in PRESETS and gradient_free(names)
+    assert "cross_attn" in spec_of(meta).presets and set(skipped) <= set(gradient_free(names, spec_of(meta)))
 
 
 class _Losses(TrainerCallback):
@@ -73,7 +80,7 @@ class _Losses(TrainerCallback):
 
 def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, monkeypatch):
     from finetune.generation import generate_answers
-    from finetune.loading import model_classes
+    from finetune.models import load_config, model_class_for
     from finetune.recipe import train
     from finetune.tokenization import load_tokenizer
 
@@ -89,7 +96,7 @@ def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, mo
     assert sum(losses.losses[-3:]) / 3 < 0.85 * sum(losses.losses[:3]) / 3, losses.losses  # ~6.2 -> ~4.8
 
     monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
-        **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
+        **merge_verify.verify_folder(f, p, d), "reload_seconds": 0.0})
     logs: list[str] = []
     merged = tmp_path / "merged"
     rep = merge_mod.merge_adapter(out, merged, log=logs.append)
@@ -98,8 +105,7 @@ def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, mo
     assert set(json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]) == \
         merge_mod.checkpoint_keys(base)
 
-    model_class = model_classes(merged)[1]
-    model = model_class.from_pretrained(str(merged)).eval()  # strict
+    model = model_class_for(load_config(merged)).from_pretrained(str(merged)).eval()  # strict
     tok = load_tokenizer(merged, None, model.config)
     from finetune.validate import check_file
 
@@ -127,28 +133,28 @@ def test_qlora_quantizes_decoder_linears_and_keeps_both_towers_full_precision(ta
 def test_shipped_recipe_targets_and_memory_plan_on_the_official_config(tmp_path):
     import shutil
 
-    from adapters.targets import memory_plan_for
     from finetune.loading import build_meta_model
+    from finetune.targets import memory_plan_for
     from tests.conftest import REFERENCE
 
     shutil.copy(REFERENCE / "configs" / "cogagent-chat-hf.config.json", tmp_path / "config.json")
     cfg = load_recipe("recipes/cogagent-lora.yaml", [f"model.checkpoint_dir={tmp_path}"])
     meta = build_meta_model(tmp_path)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     assert len(matches["cross_attn"]) == 96  # query, key_value, dense x 32 layers
     plan = str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit]))
     assert "cross K/V (CogAgent)" in plan and "cross tower (CogAgent)" in plan and "18.29B" in plan
 
 
 def test_validate_counts_tokens_with_the_cogagent_template(task):
-    from finetune.loading import model_classes
+    from finetune.models import load_config
     from finetune.validate import check_file, resolve_model, token_report
 
     info = resolve_model(str(task[0]), None, None)
     assert info.prompt_family == "cogagent" and info.image_tokens == 6
     convs, _ = check_file(task[2], image_root=None, max_images=1, check_images=False, allow_outside_images=False)
     lines, problems = token_report(convs, info, None, 1)
-    config = model_classes(task[0])[0].from_pretrained(str(task[0]))
+    config = load_config(task[0])
     batch = CogVLMCollator(info.tokenizer, config)(convs)
     longest = int(batch["attention_mask"].sum(dim=1).max())
     assert not problems and f"max {longest}" in "\n".join(lines)

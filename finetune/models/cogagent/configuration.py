@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...configuration_cogvlm import CogVLMConfig
+from ..cogvlm.configuration import CogVLMConfig
 
 # The official EVA02-CLIP-L/14 cross tower. `intermediate_size` = int(1024 * 2.6667); `embed_dim` is the
 # (unused) output head's width; `pt_hw_seq_len` the grid its 2-D RoPE was pre-trained on (224 / 14).

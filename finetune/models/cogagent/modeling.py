@@ -31,8 +31,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...families import VISION_TOKEN_TYPE
-from ...modeling_cogvlm import (
+from ...targets import TargetSpec
+from ..cogvlm.modeling import (
     CACHE_NAME,
+    COGVLM_TARGETS,
     FULL_PRECISION_MODULES,
     CogVLMDecoderLayer,
     CogVLMForCausalLM,
@@ -51,6 +53,27 @@ from .configuration import CogAgentConfig
 # Both vision towers stay in full precision under bitsandbytes; the decoder's linears (cross-attention included)
 # are quantized.
 COGAGENT_FULL_PRECISION_MODULES = (*FULL_PRECISION_MODULES, "model.cross_vision")
+
+_LAYER = r"model\.layers\.\d+\."
+_CROSS_BLOCK = r"model\.cross_vision\.vit\.model\.blocks\."
+# CogVLM's presets plus the cross-attention and the cross tower (its never-run last block is skipped).
+COGAGENT_TARGETS = TargetSpec(
+    presets={
+        **COGVLM_TARGETS.presets,
+        "cross_attn": _LAYER + r"cross_attn\.(?:query|key_value|dense)",
+        "cross_tower": _CROSS_BLOCK + r"\d+\.(?:attn\.(?:q_proj|k_proj|v_proj|proj)|mlp\.w[123])",
+    },
+    groups=COGVLM_TARGETS.groups,
+    save_presets=COGVLM_TARGETS.save_presets,
+    components=[
+        ("cross attention", _LAYER + r"cross_attn\..*"),
+        ("cross tower (EVA-L, 1120 px)", r"model\.cross_vision\..*"),
+        *COGVLM_TARGETS.components,
+    ],
+    gradient_free_in_last_layer=COGVLM_TARGETS.gradient_free_in_last_layer,
+    never_run_last_block=_CROSS_BLOCK,
+)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,6 +476,7 @@ class CogAgentForCausalLM(CogAgentPreTrainedModel, CogVLMForCausalLM):
     """CogAgent chat / VQA model: LM head, loss and generation hooks of CogVLM, plus `cross_images`."""
 
     full_precision_modules = COGAGENT_FULL_PRECISION_MODULES
+    target_spec = COGAGENT_TARGETS
 
     def __init__(self, config: CogAgentConfig) -> None:
         CogVLMPreTrainedModel.__init__(self, config)
