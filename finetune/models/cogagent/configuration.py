@@ -56,6 +56,7 @@ class CogAgentConfig(CogVLMConfig):
         **kwargs: Any,
     ) -> None:
         kwargs.pop("cogvlm_version", None)
+        kwargs.pop("prompt_table", None)
         self.cross_hidden_size = cross_hidden_size
         self.cross_compute_hidden_size = cross_compute_hidden_size
         self.cross_image_size = cross_image_size
@@ -66,6 +67,7 @@ class CogAgentConfig(CogVLMConfig):
             intermediate_size=intermediate_size,
             vision_config={**_COGAGENT_VISION, **(vision_config or {})},
             cogvlm_version=1,
+            prompt_table="cogagent",  # CogAgent's own template table (docs/architecture.md §14)
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,

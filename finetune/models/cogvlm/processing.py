@@ -431,8 +431,8 @@ class CogVLMCollator:
         self.image_size = int(self.config.vision_config["image_size"])
         # CogAgent: its own prompt table, and every image also goes to the cross tower at cross_image_size.
         self.cross_image_size = getattr(self.config, "cross_image_size", None)
-        if self.family is None and getattr(self.config, "model_type", None) == "cogagent":
-            self.family = "cogagent"
+        if self.family is None and getattr(self.config, "prompt_table", "cogvlm") != "cogvlm":
+            self.family = self.config.prompt_table
 
     def encode(self, conv: Conversation) -> EncodedExample:
         """encode_conversation with this collator's settings."""
