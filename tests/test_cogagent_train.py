@@ -144,6 +144,11 @@ def test_shipped_recipe_targets_and_memory_plan_on_the_official_config(tmp_path)
     assert len(matches["cross_attn"]) == 96  # query, key_value, dense x 32 layers
     plan = str(memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit]))
     assert "cross K/V (CogAgent)" in plan and "cross tower (CogAgent)" in plan and "18.29B" in plan
+    from finetune.targets import parameter_table
+
+    rows = {line[:40].strip(): line for line in parameter_table(meta, [], 16).splitlines()}
+    assert "other" not in rows  # every parameter has a component
+    assert "335,544,320" in rows["cross attention"] and "316,950,208" in rows["cross tower (EVA-L, 1120 px)"]
 
 
 def test_validate_counts_tokens_with_the_cogagent_template(task):

@@ -68,6 +68,7 @@ COGAGENT_TARGETS = TargetSpec(
     components=[
         ("cross attention", _LAYER + r"cross_attn\..*"),
         ("cross tower (EVA-L, 1120 px)", r"model\.cross_vision\..*"),
+        ("vision tower", r"model\.vision\.pos_embed"),  # CogAgent's extra patch-feature embedding
         *COGVLM_TARGETS.components,
     ],
     gradient_free_in_last_layer=COGVLM_TARGETS.gradient_free_in_last_layer,
