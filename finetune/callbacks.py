@@ -99,9 +99,9 @@ def _hms(seconds: float) -> str:
 class EvalCallback(TrainerCallback):
     """Token-weighted eval loss and generation eval every `eval.eval_steps` and at the end of training."""
 
-    def __init__(self, cfg, eval_examples, eval_convs, collator, tokenizer, template, out_dir, log=print) -> None:
+    def __init__(self, cfg, eval_examples, eval_convs, collator, out_dir, log=print) -> None:
         self.cfg, self.examples, self.convs, self.collator = cfg, eval_examples, eval_convs, collator
-        self.tokenizer, self.template, self.out_dir, self.log = tokenizer, template, Path(out_dir), log
+        self.out_dir, self.log = Path(out_dir), log
         self.trainer = None  # set by the recipe after the Trainer exists (to log through it)
         self._last_step = -1
 
@@ -112,8 +112,8 @@ class EvalCallback(TrainerCallback):
         self._last_step = state.global_step
         t0 = time.time()
         metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
-        gen, samples = generation_eval(model, self.tokenizer, self.convs, self.template,
-                                       self.cfg.eval.max_new_tokens, self.cfg.eval.generation_rows)
+        gen, samples = generation_eval(model, self.collator.processor, self.convs, self.cfg.eval.max_new_tokens,
+                                       self.cfg.eval.generation_rows)
         metrics.update({f"eval_{k}": v for k, v in gen.items()})
         self.log(f"eval @ step {state.global_step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
         for s in samples[: self.cfg.eval.log_predictions]:

@@ -219,7 +219,7 @@ class ModelInfo:
     template_version: str
     tokenizer: Any = None
     tokenizer_note: str = ""
-    prompt_family: str | None = None  # "cogagent": CogAgent's prompt table
+    processor: Any = None  # a CogVLMProcessor when there is a tokenizer: what token counts encode with
 
 
 def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -> ModelInfo:
@@ -227,30 +227,30 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     folder = Path(model)
     if folder.is_dir():
         from finetune.loading import read_checkpoint_config
-        from finetune.models.cogvlm.configuration import CogVLMConfig
+        from finetune.models import config_class, family_of, processor_class
 
         try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
             raw = read_checkpoint_config(folder)
-            cfg = CogVLMConfig(**raw)
+            family = family_of(raw, f"{folder}/config.json")
+            cfg = config_class(family)(**raw)
         except (OSError, TypeError, ValueError) as exc:
             raise ValueError(f"--model {model}: {exc}") from None
         info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
-        if raw.get("model_type") == "cogagent" or "CogAgentForCausalLM" in (raw.get("architectures") or []):
-            info.prompt_family = "cogagent"
         from finetune.tokenization import load_tokenizer
 
         try:
             info.tokenizer = load_tokenizer(folder, tokenizer_dir, config=cfg)
         except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            info.processor = processor_class(family).from_config(cfg, info.tokenizer, template_version=template)
         return info
     from finetune.families import FAMILIES, get_family
 
     if model not in FAMILIES:
         get_family(model)  # raises with the nearest names
     spec = FAMILIES[model]
-    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version,
-                     prompt_family="cogagent" if model.startswith("cogagent") else None)
+    info = ModelInfo(model, spec.version, spec.image_tokens, template or spec.template_version)
     if tokenizer_dir:
         from finetune.tokenization import load_tokenizer
 
@@ -258,6 +258,12 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             info.tokenizer = load_tokenizer(tokenizer_dir, tokenizer_dir)
         except (OSError, ValueError) as exc:
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            from finetune.models.cogvlm.processing import CogVLMProcessor
+
+            info.processor = CogVLMProcessor(info.tokenizer, image_tokens=spec.image_tokens,
+                                             image_size=spec.image_size, template_version=info.template_version,
+                                             prompt_table="cogagent" if model.startswith("cogagent") else "cogvlm")
     else:
         info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
                               f"a checkpoint folder as --model. {spec.tokenizer_note}")
@@ -271,24 +277,23 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
                  max_images: int | None) -> tuple[list[str], list[Problem]]:
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
-    from finetune.models.cogvlm.processing import RowTooLong, encode_conversation
+    from finetune.models.cogvlm.processing import RowTooLong
 
     lengths: list[int] = []
     truncated = dropped = 0
     problems: list[Problem] = []
-    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
-                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1,
-                  family=info.prompt_family)
+    full = info.processor.with_settings(allow_multi_image=max_images is None or max_images > 1, max_length=None)
+    cut = full.with_settings(max_length=max_length)
     for conv in convs:
         try:
-            n = len(encode_conversation(conv, info.tokenizer, **kwargs).input_ids)
+            n = len(full.encode(conv).input_ids)
         except ValueError as exc:
             problems.append(Problem(conv.source, "row", f"cannot be encoded: {exc}", "", "error", "encode error"))
             continue
         lengths.append(n)
         if max_length is not None and n > max_length:
             try:
-                encode_conversation(conv, info.tokenizer, max_length=max_length, **kwargs)
+                cut.encode(conv)
                 truncated += 1
             except RowTooLong:
                 dropped += 1

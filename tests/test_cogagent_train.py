@@ -37,14 +37,16 @@ def test_make_tiny_cogagent_writes_a_loadable_official_layout(task):
 
 
 def test_collator_makes_both_images_from_one_picture_with_the_cogagent_prompt(task):
-    from finetune.models import load_config
+    from finetune.models import load_config, processor_class_for
     from finetune.tokenization import load_tokenizer
 
     config = load_config(task[0])
     tok = load_tokenizer(task[0], None, config)
+    processor = processor_class_for(config).from_config(config, tok)
+    assert type(processor).__name__ == "CogAgentProcessor" and processor.cross_image_size == 56
     picture = task[1].parent / "images" / "train_0000.png"
     conv = Conversation("r", [str(picture)], [Message("user", "<image>Where?"), Message("assistant", "here")])
-    batch = CogVLMCollator(tok, config)([conv, conv])
+    batch = CogVLMCollator(processor)([conv, conv])
     assert batch["images"].shape == (2, 3, 28, 28) and batch["cross_images"].shape == (2, 3, 56, 56)
     from finetune.models.cogagent.processing import picture_pair
 
@@ -82,7 +84,6 @@ def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, mo
     from finetune.generation import generate_answers
     from finetune.models import load_config, model_class_for
     from finetune.recipe import train
-    from finetune.tokenization import load_tokenizer
 
     base, train_path, eval_path = task
     cfg = load_recipe(RECIPE, [f"model.checkpoint_dir={base}", f"data.train_path={train_path}",
@@ -105,14 +106,15 @@ def test_lora_trains_merges_verified_and_generates_in_batches(task, tmp_path, mo
     assert set(json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]) == \
         merge_mod.checkpoint_keys(base)
 
-    model = model_class_for(load_config(merged)).from_pretrained(str(merged)).eval()  # strict
-    tok = load_tokenizer(merged, None, model.config)
+    from finetune.models import processor_class_for
     from finetune.validate import check_file
 
+    model = model_class_for(load_config(merged)).from_pretrained(str(merged)).eval()  # strict
+    processor = processor_class_for(model.config).from_pretrained(merged)
+    assert type(processor).__name__ == "CogAgentProcessor"
     convs, _ = check_file(eval_path, image_root=None, max_images=1, check_images=True, allow_outside_images=False)
-    together = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=3, batch_size=4)
-    alone = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=3, batch_size=1)[0]
-             for c in convs]
+    together = generate_answers(model, processor, convs, max_new_tokens=3, batch_size=4)
+    alone = [generate_answers(model, processor, [c], max_new_tokens=3, batch_size=1)[0] for c in convs]
     assert together == alone and all(isinstance(a, str) for a in together)
 
 
@@ -152,14 +154,12 @@ def test_shipped_recipe_targets_and_memory_plan_on_the_official_config(tmp_path)
 
 
 def test_validate_counts_tokens_with_the_cogagent_template(task):
-    from finetune.models import load_config
     from finetune.validate import check_file, resolve_model, token_report
 
     info = resolve_model(str(task[0]), None, None)
-    assert info.prompt_family == "cogagent" and info.image_tokens == 6
+    assert info.processor.prompt_table == "cogagent" and info.image_tokens == 6
     convs, _ = check_file(task[2], image_root=None, max_images=1, check_images=False, allow_outside_images=False)
     lines, problems = token_report(convs, info, None, 1)
-    config = load_config(task[0])
-    batch = CogVLMCollator(info.tokenizer, config)(convs)
+    batch = CogVLMCollator(info.processor)(convs)
     longest = int(batch["attention_mask"].sum(dim=1).max())
     assert not problems and f"max {longest}" in "\n".join(lines)

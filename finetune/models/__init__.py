@@ -78,6 +78,11 @@ def load_config(checkpoint_dir: str | Path) -> Any:
     return config_class(family_of(raw, f"{path}/config.json")).from_pretrained(str(path), local_files_only=True)
 
 
+def processor_class_for(config: Any) -> type:
+    """The processor class of a config object (or config.json dict)."""
+    return processor_class(family_of(config))
+
+
 def model_class_for(config: Any) -> type:
     """The model class of a config object."""
     return model_class(family_of(config))

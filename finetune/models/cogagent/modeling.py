@@ -478,6 +478,9 @@ class CogAgentForCausalLM(CogAgentPreTrainedModel, CogVLMForCausalLM):
 
     full_precision_modules = COGAGENT_FULL_PRECISION_MODULES
     target_spec = COGAGENT_TARGETS
+    # CogVLM's inputs plus the high-resolution copies of the images; collator, dataset columns, generation and
+    # merge probes follow this list.
+    model_input_names = (*CogVLMForCausalLM.model_input_names, "cross_images")
 
     def __init__(self, config: CogAgentConfig) -> None:
         CogVLMPreTrainedModel.__init__(self, config)

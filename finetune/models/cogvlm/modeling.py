@@ -146,22 +146,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32_mat
 class ExpertRouting:
     """Token indices per expert, computed once per forward and reused by every layer (§7).
 
-    `inv` is None when every token goes to the language expert (text-only input, decode steps).
+    Padded positions (attention mask 0) go to neither expert: their QKV, dense and MLP outputs are zeros, so a
+    padded batch costs the experts (and their LoRA) only its real tokens. Nothing reads those positions: their
+    keys are masked, their logits unlabelled. `inv` is None when every token is a real LANGUAGE token (text-only
+    input without padding, decode steps): then the language expert runs on the whole tensor.
     """
 
     lang_idx: torch.Tensor | None = None  # (N_lang,) flat indices into B*L
     vis_idx: torch.Tensor | None = None  # (N_vis,)
-    inv: torch.Tensor | None = None  # (B*L,) position of each token in cat([lang, vis])
+    inv: torch.Tensor | None = None  # (B*L,) position of each token in cat([lang, vis, one zero row])
 
     @classmethod
-    def from_token_types(cls, token_type_ids: torch.Tensor) -> ExpertRouting:
+    def from_token_types(cls, token_type_ids: torch.Tensor, real: torch.Tensor | None = None) -> ExpertRouting:
+        """`real`: (B, L) bool, False at padded positions (None: every position is real)."""
         vision = get_expert_mask(token_type_ids).reshape(-1)  # (B*L,) eoi/padding -> language (§7)
-        vis_idx = vision.nonzero().squeeze(1)  # the one host sync of routing per forward
-        if vis_idx.numel() == 0:
+        real = None if real is None else real.reshape(-1).to(vision.device)
+        if real is not None:
+            vision = vision & real
+        vis_idx = vision.nonzero().squeeze(1)  # host sync of routing, once per forward
+        all_real = real is None or bool(real.all())
+        if vis_idx.numel() == 0 and all_real:
             return cls()
-        lang_idx = (~vision).nonzero().squeeze(1)
-        inv = torch.empty_like(vision, dtype=torch.long)
-        inv[torch.cat((lang_idx, vis_idx))] = torch.arange(vision.numel(), device=vision.device)
+        language = ~vision if all_real else (~vision & real)
+        lang_idx = language.nonzero().squeeze(1)
+        n_out = lang_idx.numel() + vis_idx.numel()
+        inv = torch.full_like(vision, n_out, dtype=torch.long)  # padded positions -> the zero row
+        inv[torch.cat((lang_idx, vis_idx))] = torch.arange(n_out, device=vision.device)
         return cls(lang_idx, vis_idx, inv)
 
     def apply(self, x: torch.Tensor, language: nn.Module, vision: nn.Module) -> torch.Tensor:
@@ -172,8 +182,11 @@ class ExpertRouting:
         if self.inv.device != x.device:  # layers split over devices (device_map): move the indices once
             self.lang_idx, self.vis_idx, self.inv = (t.to(x.device) for t in (self.lang_idx, self.vis_idx, self.inv))
         flat = x.reshape(b * n, -1)  # (B*L, in)
-        out = torch.cat((language(flat.index_select(0, self.lang_idx)), vision(flat.index_select(0, self.vis_idx))))
-        return out.index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
+        parts = [language(flat.index_select(0, self.lang_idx))]
+        if self.vis_idx.numel():
+            parts.append(vision(flat.index_select(0, self.vis_idx)))
+        parts.append(parts[0].new_zeros(1, parts[0].shape[-1]))  # the output of every padded position
+        return torch.cat(parts).index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -642,7 +655,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
 
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
+        real = attention_mask[:, -n:] != 0 if attention_mask is not None and attention_mask.dim() == 2 else None
+        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device), real)
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
         # Packed rows at prefill/training attend per segment (no L x L mask); with a cache, the mask path.
@@ -747,6 +761,9 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
 class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
+    # The inputs a batch carries, declared once: the collator's output keys, the dataset's columns, generation's
+    # inputs and the merge probes all read this (labels are the loss target, not an input).
+    model_input_names: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "images")
     _tied_weights_keys: dict[str, str] = {}
     # What the kit reads off the class instead of hard-coding module names elsewhere (docs/adding-a-family.md).
     target_spec: TargetSpec = COGVLM_TARGETS
