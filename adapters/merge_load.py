@@ -174,10 +174,11 @@ def load_processor_for(source: AdapterSource | None, base_dir: Path, config: Any
                        tokenizer_dir: str | Path | None = None) -> Any:
     """The processor the adapter was trained with: its tokenizer (`load_tokenizer_for`), the settings saved
     beside it (processor_config.json), and the run's template (run.json / cogtune.json), else the base's."""
-    from finetune.models.cogvlm.processing import CogVLMProcessor
+    from finetune.models import processor_class_for
     from finetune.run_folder import template_for
 
+    processor_class = processor_class_for(config)  # the family's (CogAgent adds cross_image_size)
     tokenizer = load_tokenizer_for(source, base_dir, config, tokenizer_dir)
-    saved = CogVLMProcessor.read_settings(source.adapter_dir) if source is not None else {}
+    saved = processor_class.read_settings(source.adapter_dir) if source is not None else {}
     settings = {**saved, "template_version": template_for(source, config)}
-    return CogVLMProcessor.from_config(config, tokenizer, **settings)
+    return processor_class.from_config(config, tokenizer, **settings)

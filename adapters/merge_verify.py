@@ -188,11 +188,11 @@ def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
     """Load `folder` as a user would (strict keys, its processor: tokenizer, processor_config.json, else the
     cogtune.json template); compare; generate."""
     from finetune.generation import generate_answers
-    from finetune.models.cogvlm.processing import CogVLMProcessor
+    from finetune.models import processor_class_for
 
     probe = load_probe(probe_file)  # first: a bad probe fails before the model loads
     model = load_base(folder, dtype)  # quantized folders carry their quantization_config
-    processor = CogVLMProcessor.from_pretrained(
+    processor = processor_class_for(model.config).from_pretrained(
         folder, template_version=read_json(folder / "cogtune.json").get("template_version"))
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
     convs = probe_conversations(Path(probe_file).with_name("probe.png"))

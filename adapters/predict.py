@@ -57,12 +57,13 @@ class InferenceModel:
         config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
-        from finetune.models.cogvlm.processing import CogVLMProcessor
+        from finetune.models import processor_class_for
 
+        self.processor_class = processor_class_for(config)
         # the encoding each was trained with (processor_config.json beside a merged model or an adapter)
-        self.processor_settings = {None: CogVLMProcessor.read_settings(self.model_dir)}
+        self.processor_settings = {None: self.processor_class.read_settings(self.model_dir)}
         for name, src in self.adapters:
-            self.processor_settings[name] = CogVLMProcessor.read_settings(src.adapter_dir)
+            self.processor_settings[name] = self.processor_class.read_settings(src.adapter_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
@@ -86,10 +87,9 @@ class InferenceModel:
     def processor(self, template: str) -> Any:
         """The processor that prompts the active adapter (or the model) with `template`: the settings saved
         beside it, the loaded tokenizer, the checkpoint's image span and transform."""
-        from finetune.models.cogvlm.processing import CogVLMProcessor
-
         saved = self.processor_settings[self.active]
-        return CogVLMProcessor.from_config(self.config, self.tokenizer, **{**saved, "template_version": template})
+        return self.processor_class.from_config(self.config, self.tokenizer,
+                                                **{**saved, "template_version": template})
 
     def template(self, requested: str | None = None, warn=None) -> str:
         """The active adapter's stored template; a different `requested` one is used with a warning."""
@@ -160,6 +160,10 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     if not graded:
         return None
     metrics = score([r["prediction"] for r in graded], [r["reference"] for r in graded])
+    from finetune.gui_metrics import is_action, score_actions
+
+    if any(is_action(r["reference"]) for r in graded):  # GUI-agent rows (CogAgent): step-level action metrics
+        metrics.update(score_actions([r["prediction"] for r in graded], [r["reference"] for r in graded]))
     metrics.update({"adapter": im.active, "template_version": tmpl, "data": str(data)})
     write_atomic(metrics_path(out), json.dumps(metrics, indent=2) + "\n")
     respect_umask(metrics_path(out))

@@ -24,7 +24,8 @@ from typing import Literal, get_args
 from data_formats.common import Record
 from data_formats.schema import parse_row, write_jsonl
 
-Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "rlaif-v", "sharegpt-pairs"]
+Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "mind2web", "rlaif-v",
+                 "sharegpt-pairs"]
 FORMATS: tuple[str, ...] = get_args(Format)
 PREFERENCE_FORMATS = ("rlaif-v", "sharegpt-pairs")  # rows with chosen/rejected (data_formats/preference.py)
 
@@ -56,6 +57,10 @@ def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record
         from data_formats import glm
 
         return glm.convert(src, image_root=root)
+    if fmt == "mind2web":  # GUI action steps -> CogAgent "Plan / Next Action / Grounded Operation" rows
+        from data_formats import mind2web
+
+        return mind2web.convert(src, image_root=root)
     if fmt == "hf":
         from data_formats import hf
 

@@ -35,11 +35,11 @@ class SkipBadImages(torch.utils.data.Dataset):
 def processor_for_recipe(cfg, config, tokenizer):
     """The processor a recipe trains with: the checkpoint's image span and prompt table, the recipe's template
     (default: the checkpoint's), max_length, label mode and multi-image setting."""
-    from .models.cogvlm.processing import CogVLMProcessor
+    from .models import processor_class_for
 
-    return CogVLMProcessor.from_config(config, tokenizer, template_version=cfg.data.template_version,
-                                       max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
-                                       allow_multi_image=cfg.data.allow_multi_image)
+    return processor_class_for(config).from_config(
+        config, tokenizer, template_version=cfg.data.template_version, max_length=cfg.data.max_length,
+        last_turn_only=cfg.data.last_turn_only, allow_multi_image=cfg.data.allow_multi_image)
 
 
 def read_conversations(path: str, image_root: str | None, cfg, log=print) -> list:

@@ -140,6 +140,10 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         decoder = sum(g for name, g, _ in rows if name.startswith(("activations", "loss"))) * GIB
         rows.append(("activations: vision tower", max(0.0, vision_layer - decoder) / GIB,
                      f"frozen: one layer live ({vision_layer / GIB:.2f} GiB) before the decoder runs"))
+    if hasattr(c, "cross_vision_config"):  # CogAgent's high-res cross branch
+        from .models.cogagent.configuration import cross_memory_rows
+
+        rows += cross_memory_rows(c, list(cfg.lora.targets), b, act, gc)
     if on_gpu:
         rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
     return MemoryPlan(rows, "per GPU" if on_gpu else "CPU RAM")

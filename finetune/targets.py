@@ -35,6 +35,9 @@ class TargetSpec:
     save_presets: dict[str, str] = field(default_factory=dict)
     components: list[tuple[str, str]] = field(default_factory=list)
     gradient_free_in_last_layer: str = ""
+    # Prefix (pattern) of a stack of numbered blocks whose LAST block is built but never run (CogAgent's cross
+    # tower): LoRA there could never train either. "" when there is none.
+    never_run_last_block: str = ""
 
 
 def spec_of(model: Any) -> TargetSpec:
@@ -76,14 +79,15 @@ def gradient_free(names: Iterable[str], spec: TargetSpec) -> list[str]:
     at image positions, and those are always labelled -100 (attention reads the layer's *input*).
     """
     names = list(names)
-    if not spec.gradient_free_in_last_layer:
-        return []
+    patterns = []
     layers = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
-    if not layers:
-        return []
-    last = max(layers)
-    dead = rf"model\.layers\.{last}\.(?:{spec.gradient_free_in_last_layer})"
-    return [n for n in names if re.fullmatch(dead, n)]
+    if spec.gradient_free_in_last_layer and layers:
+        patterns.append(rf"model\.layers\.{max(layers)}\.(?:{spec.gradient_free_in_last_layer})")
+    blocks = [int(m.group(1)) for n in names if spec.never_run_last_block
+              and (m := re.match(spec.never_run_last_block + r"(\d+)\.", n))]
+    if blocks:
+        patterns.append(spec.never_run_last_block + rf"{max(blocks)}\..*")
+    return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
 
 
 def resolve_targets(targets: Iterable[str], model: Any) -> tuple[str, dict[str, list[str]], list[str]]:
@@ -210,7 +214,8 @@ def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> 
     skipped = list(skipped)
     if skipped:
         lines.append(f"  skipped {len(skipped)} module(s) that can never train (last layer's vision-expert dense/MLP "
-                     f"only feed image-position logits, which carry no loss): {', '.join(skipped)}")
+                     f"only feed image-position logits, which carry no loss; CogAgent's last cross-tower block is "
+                     f"never run): {', '.join(skipped)}")
     return "\n".join(lines)
 
 

@@ -229,10 +229,12 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     folder = Path(model)
     if folder.is_dir():
         from finetune.loading import read_checkpoint_config
-        from finetune.models.cogvlm.configuration import CogVLMConfig
+        from finetune.models import config_class, family_of, processor_class
 
         try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
-            cfg = CogVLMConfig(**read_checkpoint_config(folder))
+            raw = read_checkpoint_config(folder)
+            family = family_of(raw, f"{folder}/config.json")
+            cfg = config_class(family)(**raw)
         except (OSError, TypeError, ValueError) as exc:
             raise ValueError(f"--model {model}: {exc}") from None
         info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version)
@@ -243,9 +245,7 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
         except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
             info.tokenizer_note = str(exc)
         if info.tokenizer is not None:
-            from finetune.models.cogvlm.processing import CogVLMProcessor
-
-            info.processor = CogVLMProcessor.from_config(cfg, info.tokenizer, template_version=template)
+            info.processor = processor_class(family).from_config(cfg, info.tokenizer, template_version=template)
         return info
     from finetune.families import FAMILIES, get_family
 
@@ -264,7 +264,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             from finetune.models.cogvlm.processing import CogVLMProcessor
 
             info.processor = CogVLMProcessor(info.tokenizer, image_tokens=spec.image_tokens,
-                                             image_size=spec.image_size, template_version=info.template_version)
+                                             image_size=spec.image_size, template_version=info.template_version,
+                                             prompt_table="cogagent" if model.startswith("cogagent") else "cogvlm")
     else:
         info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
                               f"a checkpoint folder as --model. {spec.tokenizer_note}")

@@ -30,10 +30,14 @@ FAMILIES: dict[str, Family] = {
     "cogvlm": Family("cogvlm", "finetune.models.cogvlm.configuration:CogVLMConfig",
                      "finetune.models.cogvlm.modeling:CogVLMForCausalLM",
                      "finetune.models.cogvlm.processing:CogVLMProcessor"),
+    "cogagent": Family("cogagent", "finetune.models.cogagent.configuration:CogAgentConfig",
+                       "finetune.models.cogagent.modeling:CogAgentForCausalLM",
+                       "finetune.models.cogagent.processing:CogAgentProcessor"),
 }
 # config.json `architectures[0]` -> family name
 ARCHITECTURES: dict[str, str] = {
     "CogVLMForCausalLM": "cogvlm",
+    "CogAgentForCausalLM": "cogagent",
 }
 DEFAULT_FAMILY = "cogvlm"  # config.json without `architectures` (hand-written tiny configs): CogVLM / CogVLM2
 
@@ -72,6 +76,11 @@ def load_config(checkpoint_dir: str | Path) -> Any:
     path = Path(checkpoint_dir)
     raw = json.loads((path / "config.json").read_text())
     return config_class(family_of(raw, f"{path}/config.json")).from_pretrained(str(path), local_files_only=True)
+
+
+def processor_class_for(config: Any) -> type:
+    """The processor class of a config object (or config.json dict)."""
+    return processor_class(family_of(config))
 
 
 def model_class_for(config: Any) -> type:

@@ -874,6 +874,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
+            **kwargs,  # family-specific inputs (CogAgent's cross_images)
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
         cache = {CACHE_NAME: getattr(outputs, CACHE_NAME)}
