@@ -93,9 +93,9 @@ def read_launch_config(path: str | Path, overrides: dict[str, Any] | None = None
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     port = raw.get("main_process_port")
     return LaunchConfig(path=path, engine=engine_of(raw), num_processes=int(raw.get("num_processes") or 1),
-                        num_machines=int(raw.get("num_machines") or 1), machine_rank=int(raw.get("machine_rank") or 0),
-                        main_process_ip=raw.get("main_process_ip"), main_process_port=None if port is None else int(port),
-                        raw=raw)
+                        num_machines=int(raw.get("num_machines") or 1),
+                        machine_rank=int(raw.get("machine_rank") or 0), main_process_ip=raw.get("main_process_ip"),
+                        main_process_port=None if port is None else int(port), raw=raw)
 
 
 def _is_local(ip: str) -> bool:
@@ -120,7 +120,7 @@ def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = No
         if not deepspeed_available:
             problems.append(f"{where}: distributed_type DEEPSPEED needs the deepspeed package, which is not installed "
                             "(it is optional for cogtune). Install it on a CUDA machine (`pip install deepspeed`), or "
-                            "use recipes/accelerate/fsdp.yaml, which shards the same way (ZeRO-3 ~ FSDP) with torch alone.")
+                            "use recipes/accelerate/fsdp.yaml, which shards like ZeRO-3 with torch alone.")
         if int(ds.get("zero_stage", 0)) not in (2, 3):
             problems.append(f"{where}: deepspeed_config.zero_stage is {ds.get('zero_stage')!r}; use 2 or 3")
         if int(ds.get("zero_stage", 0)) == 3 and str(ds.get("zero3_save_16bit_model", False)).lower() != "true":
@@ -132,8 +132,8 @@ def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = No
     if cfg.engine.startswith("fsdp"):
         fsdp = raw.get("fsdp_config") or {}
         if int(fsdp.get("fsdp_version", 1)) != 2:
-            problems.append(f"{where}: fsdp_config.fsdp_version is {fsdp.get('fsdp_version', 1)}; the kit is tested with "
-                            "FSDP2 (fully_shard): set fsdp_version: 2")
+            problems.append(f"{where}: fsdp_config.fsdp_version is {fsdp.get('fsdp_version', 1)}; the kit is tested "
+                            "with FSDP2 (fully_shard): set fsdp_version: 2")
         classes = [c.strip() for c in str(fsdp.get("fsdp_transformer_layer_cls_to_wrap", "")).split(",") if c.strip()]
         unknown = [c for c in classes if c not in WRAP_CLASSES]
         if fsdp.get("fsdp_auto_wrap_policy") == "TRANSFORMER_BASED_WRAP" and (unknown or not classes):
@@ -342,7 +342,8 @@ def plan_for(recipe_args: list[str], world: int, engine: str) -> str:
     recipe, *kv = recipe_args
     cfg = load_recipe(recipe, kv)
     model = build_meta_model(cfg.model.checkpoint_dir)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()], linear_module_names(model))
+    names = [n for n, _ in model.named_modules()]
+    _, matches, _ = resolve_targets(cfg.lora.targets, names, linear_module_names(model))
     return str(memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit], world=world, engine=engine))
 
 

@@ -98,7 +98,7 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         rows.append(("trainable: weights+grads+optimizer", trainable * per / GIB,
                      f"{trainable / 1e6:.1f}M x {per} B ({cfg.train.optim})"))
         if engine == "ddp":
-            rows.append(("trainable: DDP gradient buckets", trainable * 4 / GIB, "a second fp32 copy of the gradients"))
+            rows.append(("trainable: DDP gradient buckets", trainable * 4 / GIB, "a second fp32 gradient copy"))
     else:
         weight = 0 if offload and shard_weights else (4 / n if shard_weights else 4)
         on_gpu_bytes = weight + (0 if offload else (4 + state) / n)
