@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from .memory import _ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,3 +386,155 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     return subprocess.call(cmd)
+
+
+# ---- training-side pieces: saving from sharded weights, evaluation on every rank ----
+
+def is_sharded(model) -> bool:
+    """True when some parameter holds only this rank's shard (FSDP2 DTensor, DeepSpeed ZeRO-3)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_across_ranks(values: list[float], device=None) -> list[float]:
+    """Element-wise sum of `values` over all ranks (the values themselves in a single process)."""
+    import torch
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def save_adapter(model, folder: str | Path, extra_names: list[str], is_main: bool) -> None:
+    """Write the peft adapter (and bare extra parameters, e.g. boi/eoi) consolidated into `folder`.
+
+    Under sharding every rank takes part in gathering the trained weights (collectives), then rank 0 alone
+    writes; without sharding rank 0 writes straight from its own copy. Call it on every rank.
+    """
+    folder = Path(folder)
+    state = gathered_trainable_state(model) if is_sharded(model) else None
+    extra = {n: full_tensor(_base_model(model).get_parameter(n)) for n in extra_names} if state is not None else None
+    if not is_main:
+        return
+    if state is None:
+        model.save_pretrained(str(folder))
+    else:
+        model.save_pretrained(str(folder), state_dict=state)
+    if extra_names:
+        _write_extra(folder, extra if extra is not None else
+                     {n: _base_model(model).get_parameter(n).detach().cpu() for n in extra_names})
+
+
+def save_extra_params(model, names: list[str], folder: str | Path, is_main: bool) -> None:
+    """Bare trained parameters (boi/eoi) into `folder`: gathered on every rank when sharded, written by rank 0."""
+    if not names:
+        return
+    base = _base_model(model)
+    tensors = {n: full_tensor(base.get_parameter(n)) for n in names}  # collective when sharded
+    if is_main:
+        _write_extra(Path(folder), tensors)
+
+
+def _write_extra(folder: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    from adapters.extra_params import FILENAME
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{FILENAME}.tmp"
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp))
+    tmp.replace(folder / FILENAME)
+
+
+def _base_model(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class ConsolidatedAdapterCallback(TrainerCallback):
+    """Under sharding the Trainer's checkpoint holds the weights as per-rank shards only; this adds the
+    adapter as one consolidated file (adapter_model.safetensors + adapter_config.json), as an unsharded
+    run writes it, so every checkpoint can be verified, merged, and resumed on another number of GPUs.
+    Add it before CheckpointCallback (the manifest comes last)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def on_save(self, args, state, control, **kwargs):
+        if not is_sharded(self.model):
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        save_adapter(self.model, folder, [], state.is_world_process_zero)
+        barrier()
+
+
+
+def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, tokenizer, template: str,
+                           max_new_tokens: int, rows: int, batch_size: int = 4, gen_batch_size: int = 8):
+    """(eval loss, generation metrics, samples) with the work split over the ranks and the results gathered.
+
+    Every rank runs the same number of forward passes (under FSDP/ZeRO-3 a forward is a collective): batches
+    are dealt round-robin and a rank without a batch of its own in a round repeats batch 0 and discards it;
+    generation runs with `synced_gpus` when sharded, so ranks whose rows finished keep stepping. Only rank 0
+    gets the metrics and samples (others get None for them).
+    """
+    import torch
+
+    from .generation import generate_answers, score
+
+    rank, world = rank_and_world()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    loss = None
+    if examples:
+        starts = list(range(0, len(examples), batch_size))
+        rounds = -(-len(starts) // world)
+        with torch.no_grad():
+            for r in range(rounds):
+                k = r * world + rank
+                real = k < len(starts)
+                if not real and world == 1:
+                    break
+                s = starts[k] if real else 0
+                batch = collator(examples[s:s + batch_size])
+                batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+                out = model(**batch, loss_only=True, num_items_in_batch=1)  # summed over label tokens
+                if real:
+                    total += float(out.loss)
+                    count += int((batch["labels"][:, 1:] != -100).sum())
+        total, count = sum_across_ranks([total, count], device if device.type == "cuda" else None)
+        loss = total / max(count, 1)
+    convs = [c for c in convs if c.messages and c.messages[-1].role == "assistant"][:rows]
+    metrics, samples = {}, []
+    if convs:
+        mine = list(range(rank, len(convs), world))
+        per_rank = -(-len(convs) // world)
+        padded = mine + [0] * (per_rank - len(mine))  # equal work per rank; the padding rows are dropped
+        preds = generate_answers(model, tokenizer, [convs[i] for i in padded], template_version=template,
+                                 max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
+                                 synced=is_sharded(model) and world > 1)
+        gathered = all_gather_objects(list(zip(mine, preds[:len(mine)])))
+        if rank == 0:
+            by_index = dict(pair for part in gathered for pair in part)
+            preds = [by_index[i] for i in range(len(convs))]
+            refs = [c.messages[-1].content for c in convs]
+            metrics = score(preds, refs)
+            samples = [{"id": c.id, "prediction": p, "reference": ref} for c, p, ref in zip(convs, preds, refs)]
+    model.train(was_training)
+    if rank != 0:
+        return loss, None, None
+    return loss, metrics, samples

@@ -118,6 +118,11 @@ class GuardedTrainer(Trainer):
         """Train-loss lines get the finite-only loss, tokens/s (smoothed, eval time left out) and memory,
         before the callbacks (console, TensorBoard) see them."""
         if "loss" in logs and "train_loss" not in logs:
+            from .distributed import sum_across_ranks  # every rank logs here: the interval's loss over all ranks
+
+            self._int_sum, self._int_tokens = sum_across_ranks([float(self._int_sum), int(self._int_tokens)],
+                                                               self.args.device if self.args.device.type == "cuda"
+                                                               else None)
             tokens = int(self._int_tokens)
             if tokens:
                 logs["loss"] = round(float(self._int_sum) / tokens, 4)
@@ -191,9 +196,11 @@ class ExtraParamsCallback(TrainerCallback):
         self.model, self.names = model, names
 
     def on_save(self, args, state, control, **kwargs):
-        from adapters import extra_params
+        from .distributed import save_extra_params
 
-        extra_params.save(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        # every rank gathers (sharded weights), one rank writes
+        save_extra_params(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                          state.is_world_process_zero)
 
 
 # ---- checkpoints: a manifest marks a complete one; resume verifies it ----
@@ -244,7 +251,9 @@ def checkpoint_problem(folder: str | Path, need_manifest: bool = True) -> str | 
                 return f"{name} differs from the checksum recorded when it was saved"
     elif need_manifest:
         return f"no {MANIFEST}: the save was interrupted (or the checkpoint predates it)"
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    # FSDP checkpoints hold the optimizer state as a sharded folder (resumable on another number of GPUs)
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()
+               and not (name == "optimizer.pt" and (folder / "optimizer_0").is_dir())]
     if missing:
         return f"{', '.join(missing)} missing (resuming would restart the optimizer or the schedule)"
     for weights in sorted(folder.glob("*.safetensors")):
@@ -521,14 +530,19 @@ class EvalCallback(TrainerCallback):
         self._last_step = -1
 
     def _run(self, state, model) -> None:
-        # One process evaluates (under accelerate every rank holds the whole model; eval uses no collectives).
-        if not self.examples or state.global_step == self._last_step or not state.is_world_process_zero:
+        # Every rank evaluates its share (under FSDP/ZeRO-3 a forward needs all ranks); rank 0 gets the results.
+        if not self.examples or state.global_step == self._last_step:
             return
         self._last_step = state.global_step
         t0 = time.time()
-        metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
-        gen, samples = generation_eval(model, self.tokenizer, self.convs, self.template,
-                                       self.cfg.eval.max_new_tokens, self.cfg.eval.generation_rows)
+        from .distributed import evaluate_on_every_rank
+
+        loss, gen, samples = evaluate_on_every_rank(model, self.examples, self.collator, self.convs, self.tokenizer,
+                                                    self.template, self.cfg.eval.max_new_tokens,
+                                                    self.cfg.eval.generation_rows)
+        if not state.is_world_process_zero:
+            return
+        metrics = {"eval_loss": round(loss, 5)}
         metrics.update({f"eval_{k}": v for k, v in gen.items()})
         self.log(f"eval @ step {state.global_step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
         for s in samples[: self.cfg.eval.log_predictions]:
@@ -544,7 +558,11 @@ class EvalCallback(TrainerCallback):
                               state.global_step)
         if self.trainer is not None:
             self.trainer.eval_seconds += time.time() - t0
+            # Trainer.log clears control.should_log: this step's train-loss line (a collective under several
+            # processes, taken by every rank) must still be logged
+            should_log = self.trainer.control.should_log
             self.trainer.log(metrics)
+            self.trainer.control.should_log = should_log
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.cfg.eval.eval_steps
