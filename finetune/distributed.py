@@ -472,12 +472,57 @@ class ConsolidatedAdapterCallback(TrainerCallback):
     def __init__(self, model) -> None:
         self.model = model
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
         if not is_sharded(self.model):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         save_adapter(self.model, folder, [], state.is_world_process_zero)
+        if optimizer is not None and not (folder / "optimizer.pt").exists():
+            import torch
+
+            plain = plain_optimizer_state(self.model, optimizer)  # collective
+            if state.is_world_process_zero:
+                tmp = folder / ".optimizer.pt.tmp"
+                torch.save(plain, tmp)
+                tmp.replace(folder / "optimizer.pt")
         barrier()
+
+
+def plain_optimizer_state(model, optimizer) -> dict:
+    """The whole optimizer state of a sharded model in torch.optim's own layout (parameters numbered in
+    param-group order), as an unsharded run's `optimizer.pt` holds it. A collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index: dict[str, int] = {}
+    groups = []
+    for group in full.get("param_groups", []):  # only rank 0 receives the gathered state
+        ids = []
+        for fqn in group["params"]:
+            index.setdefault(fqn, len(index))
+            ids.append(index[fqn])
+        groups.append({**group, "params": ids})
+    return {"state": {index[fqn]: value for fqn, value in full.get("state", {}).items() if fqn in index},
+            "param_groups": groups}
+
+
+def load_consolidated_adapter(model, folder: str | Path) -> bool:
+    """Resume an FSDP checkpoint in a run without FSDP (e.g. 2 GPUs -> 1): load its consolidated adapter.
+
+    The Trainer refuses such a folder (its weights are per-rank shards); the consolidated adapter and the
+    plain optimizer.pt beside them hold the same state. Returns False when `folder` is not one of those.
+    """
+    folder = Path(folder)
+    adapter = folder / "adapter_model.safetensors"
+    if not ((folder / "pytorch_model_fsdp_0").is_dir() and adapter.is_file()):
+        return False
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(adapter)))
+    return True
 
 
 

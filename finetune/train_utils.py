@@ -163,6 +163,13 @@ class GuardedTrainer(Trainer):
         if self.skipped_images is not None:
             logs["skipped_images"] = self.skipped_images.value
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from .distributed import load_consolidated_adapter
+
+        # an FSDP checkpoint resumed without FSDP (fewer GPUs): its consolidated adapter, not the shards
+        if self.is_fsdp_enabled or not load_consolidated_adapter(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     # ---- state that checkpoints carry beside the Trainer's own ----
     def run_state(self) -> dict:
         return {"loss_sum": self.run_loss_sum + float(self._int_sum),
