@@ -583,3 +583,53 @@ def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, 
     if rank != 0:
         return loss, None, None
     return loss, metrics, samples
+
+
+# ---- the README's scaling table ----
+
+# Shipped full-size recipes and the official config.json their plan is computed from.
+PLAN_RECIPES = {
+    "cogvlm2-lora": "cogvlm2-llama3-chat-19B",
+    "cogvlm2-qlora-24gb": "cogvlm2-llama3-chat-19B",
+    "cogvlm2-vision-expert": "cogvlm2-llama3-chat-19B",
+    "cogvlm2-dpo": "cogvlm2-llama3-chat-19B",
+    "cogvlm-chat-lora": "cogvlm-chat-hf",
+    "cogvlm-grounding-lora": "cogvlm-grounding-generalist-hf",
+}
+# (column title, engine, GPUs)
+PLAN_COLUMNS = (("1 GPU", "none", 1), ("ZeRO-3/FSDP x2", "fsdp", 2), ("ZeRO-3/FSDP x4", "fsdp", 4),
+                ("ZeRO-3/FSDP x8", "fsdp", 8), ("ZeRO-2 x8", "zero2", 8), ("FSDP-offload x8", "fsdp-offload", 8))
+
+
+def scaling_table(config_dir: str | Path) -> str:
+    """Markdown table: the per-GPU memory plan (GiB) of every shipped full-size recipe by engine and GPU count.
+
+    `config_dir` holds `<model>.config.json` files (official configs; the model is built on the meta device).
+    """
+    import json
+
+    import torch
+
+    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
+
+    from .config import load_recipe
+    from .configuration_cogvlm import CogVLMConfig
+    from .modeling_cogvlm import CogVLMForCausalLM
+
+    lines = ["| recipe | model | " + " | ".join(c[0] for c in PLAN_COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(PLAN_COLUMNS)]
+    models: dict[str, Any] = {}
+    for recipe, ref in PLAN_RECIPES.items():
+        cfg = load_recipe(recipe)
+        if ref not in models:
+            with torch.device("meta"):
+                models[ref] = CogVLMForCausalLM(CogVLMConfig(**json.loads(
+                    (Path(config_dir) / f"{ref}.config.json").read_text())))
+        model = models[ref]
+        _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
+                                        linear_module_names(model))
+        matched = [n for hit in matches.values() for n in hit]
+        cells = [f"{memory_plan_for(model, cfg, matched, world=n, engine=engine).total_gib:.1f}"
+                 for _, engine, n in PLAN_COLUMNS]
+        lines.append(f"| {recipe} | {ref} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
