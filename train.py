@@ -7,7 +7,7 @@ import sys
 
 if __name__ == "__main__":
     if len(sys.argv) == 1:
-        from finetune.demo import main as demo_main
+        from adapters.demo import main as demo_main
 
         raise SystemExit(demo_main([]))
     from finetune.recipe import main

@@ -132,7 +132,7 @@ def check_template_name(name: str | None) -> None:
     """An unknown --template fails at once, naming the nearest valid one (before any weight is loaded)."""
     if name is None:
         return
-    from finetune.processing_cogvlm import TEMPLATES
+    from finetune.models.cogvlm.processing import TEMPLATES
 
     valid = sorted({t for table in TEMPLATES.values() for t in table})
     if name not in valid:

@@ -19,17 +19,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .merge import (
-    DTYPES,
-    AdapterSource,
-    check_output,
-    clean_stale,
-    merge_adapter,
-    publish,
-    resolve_adapter,
-    staging_dir,
-    stale_candidates,
-)
+from finetune.run_folder import AdapterSource, resolve_adapter
+
+from .merge import DTYPES, merge_adapter
+from .merge_write import check_output, clean_stale, publish, staging_dir, stale_candidates
 
 FORMATS = ("peft", "merged", "bnb-4bit", "bnb-8bit")
 

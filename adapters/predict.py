@@ -16,18 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .merge import (
-    DTYPES,
-    AdapterSource,
-    _read_json,
-    attach_adapters,
-    check_adapters,
-    load_base,
-    load_tokenizer_for,
-    resolve_adapter,
-    stored_dtype,
-    use_adapter,
-)
+from finetune.run_folder import AdapterSource, read_json, resolve_adapter
+
+from .merge import DTYPES
+from .merge_load import attach_adapters, check_adapters, load_base, load_tokenizer_for, stored_dtype, use_adapter
 
 
 def parse_adapter_specs(specs: list[str]) -> list[tuple[str, AdapterSource]]:
@@ -52,8 +44,8 @@ class InferenceModel:
 
     def __init__(self, model_dir: str | Path, adapter_specs: list[str] | None = None, dtype: str | None = None,
                  tokenizer_dir: str | Path | None = None, *, force_base: bool = False, log=None):
-        from finetune.configuration_cogvlm import CogVLMConfig
         from finetune.loading import check_checkpoint_dir, require_folder
+        from finetune.models import load_config
 
         self.model_dir = check_checkpoint_dir(model_dir)
         if tokenizer_dir is not None:
@@ -62,13 +54,13 @@ class InferenceModel:
         # Cheap checks first (adapters against the base, tokenizer): they fail before the weights load.
         if self.adapters:
             check_adapters(self.adapters, self.model_dir, force_base=force_base, log=log or _warn)
-        config = CogVLMConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+        config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
-        folder_meta = _read_json(self.model_dir / "cogtune.json")  # merged/quantized exports record their template
+        folder_meta = read_json(self.model_dir / "cogtune.json")  # merged/quantized exports record their template
         self.templates = {None: folder_meta.get("template_version") or self.config.template_version}
         for name, src in self.adapters:
             self.templates[name] = src.meta.get("template_version") or self.templates[None]
@@ -118,9 +110,9 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     from tqdm import tqdm
 
     from data_formats.schema import read_jsonl
+    from finetune.fileio import write_atomic
     from finetune.generation import generate_answers, score
     from finetune.loading import respect_umask
-    from finetune.train_utils import write_atomic
 
     # Test rows may end with a question (no reference); images are decoded up front so a corrupt one is
     # reported with its line before any generation runs. Warnings (e.g. duplicate ids) are shown, not fatal.
@@ -194,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_new_tokens=args.max_new_tokens, image_root=args.image_root,
                           allow_outside_images=args.allow_outside_images)
         if args.report:
-            from .report import report_from_files
+            from finetune.report import report_from_files
 
             print(f"wrote report {report_from_files(args.report, args.data, args.out, metrics, args.image_root)}")
     except (ValueError, FileNotFoundError) as err:

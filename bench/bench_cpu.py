@@ -101,8 +101,8 @@ def lora_section(dropout: float = 0.05):
 
 def build_model(config, gradient_checkpointing: bool, dropout: float = 0.05):
     """Seeded random model wrapped by the kit's `apply_lora` (which also switches checkpointing on or off)."""
-    from adapters.lora import apply_lora
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.lora import apply_lora
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     torch.manual_seed(SEED)
     model = CogVLMForCausalLM(config)
@@ -114,7 +114,7 @@ def build_model(config, gradient_checkpointing: bool, dropout: float = 0.05):
 def make_rows(config, n: int, seed: int = SEED, text_range: tuple[int, int] = (20, 400)) -> list[Any]:
     """n encoded one-image rows whose text part (question + answer) is uniform in `text_range` tokens."""
     from data_formats.schema import Conversation, Message
-    from finetune.processing_cogvlm import encode_conversation
+    from finetune.models.cogvlm.processing import encode_conversation
     from finetune.tokenization import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(2)
@@ -144,7 +144,7 @@ def make_rows(config, n: int, seed: int = SEED, text_range: tuple[int, int] = (2
 
 def collator(config, max_length: int, packing: bool = False, fixed: bool = False):
     """The kit's collator; `fixed` pads every row to max_length, as the official CogVLM2 demo does."""
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import build_tiny_tokenizer
 
     return CogVLMCollator(build_tiny_tokenizer(2), config, template_version="chat", max_length=max_length,
@@ -442,10 +442,10 @@ PLAN_MODELS = {  # recipe (+ overrides) -> reference config.json (shapes only)
 
 def memory_plans(config_dir: Path) -> str:
     """`cogtune targets`-equivalent memory plan of every shipped full-size recipe, as one markdown table."""
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
     from finetune.config import load_recipe
-    from finetune.configuration_cogvlm import CogVLMConfig
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.configuration import CogVLMConfig
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.targets import memory_plan_for, resolve_targets
 
     header = ["recipe", "model", "quant", "targets", "tokens/row", "GC", "weights", "trainable+optim",
               "activations", "logits", "overhead", "total (GiB)"]
@@ -458,8 +458,7 @@ def memory_plans(config_dir: Path) -> str:
             with torch.device("meta"):
                 models[ref] = CogVLMForCausalLM(config)
         model = models[ref]
-        _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                        linear_module_names(model))
+        _, matches, _ = resolve_targets(cfg.lora.targets, model)
         plan = memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit])
         g = {k: sum(v for name, v, _ in plan.rows if name.startswith(k)) for k in
              ("weights", "trainable", "activations", "loss logits", "CUDA")}
@@ -470,7 +469,7 @@ def memory_plans(config_dir: Path) -> str:
                      *(f"{g[k]:.1f}" for k in ("weights", "trainable", "activations", "loss logits", "CUDA")),
                      f"**{plan.total_gib:.1f}**"])
     return table("Analytic memory plan, shipped recipes at full size (ESTIMATE, not measured)", header, rows,
-                 ["from adapters.targets.memory_plan_for on a meta-device model built from the reference "
+                 ["from finetune.targets.memory_plan_for on a meta-device model built from the reference "
                   "config.json (no weights); the same numbers `cogtune targets RECIPE` prints",
                   "bf16 weights (dtype auto on a GPU); per GPU; no GPU measurement backs these numbers yet"])
 

@@ -36,8 +36,8 @@ def random_checkpoint(version: int, out: Path, tiny: bool) -> Path:
         return make_tiny(version, out)
     import torch
 
-    from finetune.configuration_cogvlm import CogVLMConfig
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.configuration import CogVLMConfig
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.tokenization import build_tiny_tokenizer
 
     # A stand-in tokenizer (offline): ids only need to be in range, and the special ids in config.json are set to
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import TrainerCallback
 
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
     from finetune.config import load_recipe
     from finetune.loading import build_meta_model
     from finetune.recipe import train
+    from finetune.targets import memory_plan_for, resolve_targets
 
     probe = load_recipe(args.recipe, args.overrides + ["model.checkpoint_dir=x", "data.train_path=x"])
     version = 2 if probe.model.family is None or "cogvlm2" in probe.model.family else 1
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.train_path={rows}", "data.eval_path=null", f"train.max_steps={args.steps}", "train.logging_steps=1",
         "train.save_steps=100000", "train.report_to=[none]", f"output.dir={args.work / 'run'}",
         "output.overwrite=true"])
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     plan = memory_plan_for(meta, cfg, [n for hit in matches.values() for n in hit])
 
     history: list[dict] = []

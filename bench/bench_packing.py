@@ -59,9 +59,9 @@ def small_config():
 
 
 def build_model(config):
-    from adapters.lora import apply_lora
     from finetune.config import LoraSection
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.lora import apply_lora
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     torch.manual_seed(SEED)
     model = CogVLMForCausalLM(config)
@@ -72,7 +72,7 @@ def build_model(config):
 def make_rows(config, n: int) -> list[Any]:
     """n encoded one-image rows with 16-192 text tokens (question + answer) each."""
     from data_formats.schema import Conversation, Message
-    from finetune.processing_cogvlm import encode_conversation
+    from finetune.models.cogvlm.processing import encode_conversation
     from finetune.tokenization import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(2)
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     from finetune.dataset import PackedDataset
-    from finetune.modeling_cogvlm import segment_runs
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.modeling import segment_runs
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import build_tiny_tokenizer
 
     config = small_config()
@@ -242,7 +242,7 @@ def attention_methods(lengths: list[int], pad: int, heads: int, head_dim: int, r
     """Causal attention over one pack (segments `lengths`, then `pad` padding), fwd+bwd, per candidate method."""
     import torch.nn.functional as F
 
-    from finetune.modeling_cogvlm import build_attention_mask, segment_attention
+    from finetune.models.cogvlm.modeling import build_attention_mask, segment_attention
 
     torch.manual_seed(SEED)
     n = sum(lengths) + pad

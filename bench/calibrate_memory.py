@@ -1,7 +1,7 @@
 """Calibrate the memory plan (finetune/memory.py) against measured CPU training steps.
 
 For each grid point (hidden size, layers, text length, batch, LoRA targets, checkpointing, QLoRA) this builds
-a small random CogVLM2-shaped model with the kit's own code (`CogVLMForCausalLM`, `adapters.lora.apply_lora`,
+a small random CogVLM2-shaped model with the kit's own code (`CogVLMForCausalLM`, `finetune.lora.apply_lora`,
 bitsandbytes nf4 through `finetune.loading.to_bnb_config` for QLoRA), runs real AdamW training steps on a
 batch of full-length rows (BOS + image span + text, every text position labelled: the plan's worst case),
 and compares the measured peak with `plan_memory(..., on_gpu=False)` for the same recipe values.
@@ -112,15 +112,15 @@ def run_config(p: Point):
 
 def plan_for(p: Point, config):
     """`plan_memory`'s plan for this point on CPU (meta-device model, as `cogtune train` plans)."""
-    from adapters.targets import linear_module_names, resolve_targets, trainable_counts
     from finetune.memory import plan_memory
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.targets import resolve_targets, trainable_counts
 
     cfg = run_config(p)
     cfg.data.max_length = 1 + config.image_tokens + p.text
     with torch.device("meta"):
         meta = CogVLMForCausalLM(config)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     matched = [n for hit in matches.values() for n in hit]
     lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, [])
     in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
@@ -142,8 +142,8 @@ def plan_step_bytes(plan) -> float:
 
 def build_model(p: Point, config):
     """The kit's model (random, seeded) with LoRA applied; nf4 goes through save + from_pretrained as in training."""
-    from adapters.lora import apply_lora
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.lora import apply_lora
+    from finetune.models.cogvlm.modeling import FULL_PRECISION_MODULES, CogVLMForCausalLM
 
     torch.manual_seed(0)
     model = CogVLMForCausalLM(config)
@@ -155,7 +155,8 @@ def build_model(p: Point, config):
             model.save_pretrained(tmp)
             del model
             model = CogVLMForCausalLM.from_pretrained(tmp, dtype=torch.float32,
-                                                      quantization_config=to_bnb_config(cfg.quant, torch.float32))
+                                                      quantization_config=to_bnb_config(cfg.quant, torch.float32,
+                                                                                        FULL_PRECISION_MODULES))
     return apply_lora(model, run_config(p).lora, gradient_checkpointing=p.gc, log=lambda *_: None).train()
 
 

@@ -217,7 +217,7 @@ def build(sw: Sweep) -> None:
     procs = [subprocess.Popen([PY, "-m", "finetune.cli", "make-tiny", "--family", "cogvlm2", "--out",
                                str(u / "models" / name), "--seed", seed], env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT) for name, seed in (("base", "0"), ("base-seed7", "7"))]
-    from finetune.demo import write_task
+    from adapters.demo import write_task
 
     write_task(u / "data", 16, 4, 0)
     make_png(u / "data" / "img" / "ok.png")
@@ -747,7 +747,7 @@ def procs_mentioning(text: str) -> list[int]:
 
 def faults(sw: Sweep) -> None:
     """SIGKILLs during checkpoint saves and merges, damaged checkpoints, overwrite, convert, divergence."""
-    from finetune.train_utils import newest_complete_checkpoint
+    from finetune.run_folder import newest_complete_checkpoint
 
     u = sw.user
     runs = sw.out / "runs"
@@ -815,7 +815,7 @@ def faults(sw: Sweep) -> None:
                 return "checkpoint-4 not reported as skipped"
             return ""
         fault(sw, f"partial checkpoint-4: {name} -> newest complete is checkpoint-3", fn,
-              "python -c 'from finetune.train_utils import newest_complete_checkpoint as n; print(n(RUN))'")
+              "python -c 'from finetune.run_folder import newest_complete_checkpoint as n; print(n(RUN))'")
 
     def det_resume():
         dst = runs / "det-resume"

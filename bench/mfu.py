@@ -48,9 +48,9 @@ def kit_config():
 
 
 def kit_model(cfg):
-    from adapters.lora import apply_lora
     from finetune.config import LoraSection
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.lora import apply_lora
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     torch.manual_seed(0)
     model = CogVLMForCausalLM(cfg)

@@ -1,4 +1,4 @@
-"""Numerical parity of `finetune.modeling_cogvlm.CogVLMForCausalLM` against the OFFICIAL CogVLM2 remote code.
+"""Numerical parity of `finetune.models.cogvlm.modeling.CogVLMForCausalLM` against the OFFICIAL CogVLM2 remote code.
 
 Not part of the test suite: the official code is not vendored (clean-room rule) and is not available in CI.
 This script contains only our own code; it imports the official files from a folder you supply.
@@ -188,7 +188,7 @@ def load_official(official_dir: Path) -> types.ModuleType:
 
 def build_models(official: types.ModuleType, seed: int) -> tuple[nn.Module, nn.Module, Any]:
     """Seeded random official model; our model gets its state dict with strict=True. Returns (official, ours, cfg)."""
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.tiny import tiny_config
 
     ours_cfg = tiny_config(2, vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)

@@ -28,7 +28,7 @@ from parity_official import BOS_ID, EOS_ID, PAD_ID, VOCAB, _batch, _with_labels,
 
 def build(official, seed: int = 0):
     """(official model, our model with its weights, our config) for a small CogVLM2-shaped config."""
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.tiny import tiny_config
 
     cfg = tiny_config(2, vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,

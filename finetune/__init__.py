@@ -96,11 +96,11 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 
 def __getattr__(name: str) -> Any:
     if name == "CogVLMConfig":
-        from .configuration_cogvlm import CogVLMConfig
+        from .models.cogvlm.configuration import CogVLMConfig
 
         return CogVLMConfig
     if name == "CogVLMForCausalLM":
-        from .modeling_cogvlm import CogVLMForCausalLM
+        from .models.cogvlm.modeling import CogVLMForCausalLM
 
         return CogVLMForCausalLM
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

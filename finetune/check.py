@@ -56,7 +56,7 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
 def main(argv: list[str]) -> int:
     _, cfg = parse_recipe_args(argv, "cogtune check", __doc__.splitlines()[0])
     print("recipe: ok")
-    from adapters.targets import linear_module_names, match_report, resolve_targets
+    from finetune.targets import match_report, resolve_targets
 
     from .loading import build_meta_model, check_checkpoint_dir
     from .validate import DataValidationError
@@ -64,8 +64,7 @@ def main(argv: list[str]) -> int:
     try:
         check_checkpoint_dir(cfg.model.checkpoint_dir)
         meta = build_meta_model(cfg.model.checkpoint_dir)
-        _, matches, skipped = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()],
-                                              linear_module_names(meta))
+        _, matches, skipped = resolve_targets(cfg.lora.targets, meta)
         print("targets: ok\n" + match_report(matches, skipped))
         first, last = overfit_check(cfg)
     except (DataValidationError, ValueError, FileNotFoundError) as err:

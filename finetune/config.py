@@ -59,7 +59,7 @@ class DataSection:
 @dataclass
 class LoraSection:
     targets: list[str] = _f(["language_expert_attn", "vision_expert_attn"],
-                            "presets (adapters/targets.py) or full-name regexes, matched with re.fullmatch")
+                            "presets (finetune/targets.py) or full-name regexes, matched with re.fullmatch")
     r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora)")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input")

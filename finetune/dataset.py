@@ -22,7 +22,7 @@ import torch
 
 from data_formats.schema import ImageError
 
-from .processing_cogvlm import EncodedExample, RowTooLong, encode_conversation, load_and_transform_image
+from .models.cogvlm.processing import EncodedExample, RowTooLong, encode_conversation, load_and_transform_image
 
 # Bump when encoding rules change, so cached Arrow files from older code are not reused.
 ENCODING_VERSION = 2
@@ -273,7 +273,7 @@ class PackedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, base: torch.utils.data.Dataset, lengths: list[int], max_length: int) -> None:
-        from .processing_cogvlm import pack_examples
+        from .models.cogvlm.processing import pack_examples
 
         self.base = base
         self.packs = pack_examples(lengths, max_length)

@@ -336,7 +336,7 @@ def launch_command(cfg: LaunchConfig, recipe_args: list[str], overrides: dict[st
 
 def plan_for(recipe_args: list[str], world: int, engine: str) -> str:
     """The recipe's per-GPU memory plan under `engine` on `world` GPUs (meta-device model: no weights read)."""
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
+    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
 
     from .config import load_recipe
     from .loading import build_meta_model
@@ -450,7 +450,7 @@ def save_extra_params(model, names: list[str], folder: str | Path, is_main: bool
 def _write_extra(folder: Path, tensors: dict) -> None:
     from safetensors.torch import save_file
 
-    from adapters.extra_params import FILENAME
+    from .extra_params import FILENAME
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{FILENAME}.tmp"
@@ -610,11 +610,11 @@ def scaling_table(config_dir: str | Path) -> str:
 
     import torch
 
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
+    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
 
     from .config import load_recipe
-    from .configuration_cogvlm import CogVLMConfig
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models.cogvlm.configuration import CogVLMConfig
+    from .models.cogvlm.modeling import CogVLMForCausalLM
 
     lines = ["| recipe | model | " + " | ".join(c[0] for c in PLAN_COLUMNS) + " |",
              "|---|---|" + "---:|" * len(PLAN_COLUMNS)]

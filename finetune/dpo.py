@@ -34,7 +34,7 @@ import torch
 
 from data_formats.schema import Conversation, Message
 
-from .processing_cogvlm import IGNORE_INDEX, CogVLMCollator, encode_conversation
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, encode_conversation
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair
@@ -213,7 +213,7 @@ def read_pairs_or_fail(path: str, cfg: Any, log=print) -> list:
 
 
 def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg: Any, log=print) -> list[dict]:
-    from .processing_cogvlm import RowTooLong
+    from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
     for p in pairs:
@@ -229,7 +229,7 @@ def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg
     return rows
 
 
-def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, log=print,
+def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log=print,
               callbacks: list | None = None) -> Any:
     """Preference-tune an adapter with TRL's DPOTrainer; same run folder, resume, adapter and run.json as SFT.
 
@@ -239,16 +239,16 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     """
     import json
     import time
-    from pathlib import Path
 
     from datasets import Dataset
     from trl import DPOConfig
 
-    from adapters.lora import apply_lora
+    from finetune.lora import apply_lora
 
-    from .loading import base_fingerprint, load_config_and_tokenizer, load_weights
-    from .recipe import config_hash, library_versions, write_run_json
-    from .train_utils import keep_4bit_layers_trainable, plot_curves, write_atomic
+    from .fileio import write_atomic
+    from .loading import load_config_and_tokenizer, load_weights
+    from .plots import plot_curves
+    from .trainer import keep_4bit_layers_trainable
 
     on_gpu = torch.cuda.is_available()
     config, tokenizer = load_config_and_tokenizer(cfg.model)
@@ -260,7 +260,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
     log(f"dpo: {len(train_rows)} training pairs" + (f", {len(eval_rows)} held-out pairs" if eval_rows else ""))
 
     model = load_weights(cfg.model, cfg.quant)
-    keep_4bit_layers_trainable(model)  # QLoRA: see train_utils (eval must not repack 4-bit weights)
+    keep_4bit_layers_trainable(model)  # QLoRA: see finetune/trainer.py (eval must not repack 4-bit weights)
     if cfg.dpo.start_adapter:
         from peft import PeftModel, prepare_model_for_kbit_training
 
@@ -322,20 +322,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: dict, is_main: bool, lo
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
         tokenizer.save_pretrained(str(out / "adapter"))
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        run_info.update({
-            "status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": "dpo",
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir, "template_version": template,
-            "image_tokens": config.image_tokens, "quant_mode": cfg.quant.mode, "targets": cfg.lora.targets,
-            "start_adapter": cfg.dpo.start_adapter, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type,
-            "global_step": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
-            "preference_accuracy_before": before, "preference_accuracy_after": after,
-            "wall_seconds": round(wall, 2), "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step,
+                        train_loss=losses[-1] if losses else None, wall_seconds=round(wall, 2),
+                        start_adapter=cfg.dpo.start_adapter, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                        preference_accuracy_before=before, preference_accuracy_after=after)
+        run_info.write(out)
         write_atomic(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s)")

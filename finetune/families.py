@@ -34,13 +34,13 @@ class FamilySpec:
     @property
     def image_tokens(self) -> int:
         """Length of one image's VISION span in the sequence, boi and eoi included (docs/architecture.md §5.7)."""
-        return image_token_count(self.version, self.image_size, self.patch_size)
+        return image_token_count(self.image_size, self.patch_size, downsample_conv=self.version == 2)
 
 
-def image_token_count(version: int, image_size: int, patch_size: int) -> int:
-    """(S/P)^2 + 2 for CogVLM; CogVLM2's 2x2 conv halves each side first: (S/P/2)^2 + 2."""
+def image_token_count(image_size: int, patch_size: int, downsample_conv: bool) -> int:
+    """(S/P)^2 + 2; with CogVLM2's 2x2 downsampling conv each side halves first: (S/P/2)^2 + 2."""
     grid = image_size // patch_size
-    if version == 2:
+    if downsample_conv:
         grid //= 2
     return grid * grid + 2
 

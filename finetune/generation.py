@@ -17,7 +17,7 @@ import torch
 
 from data_formats.boxes import iou, parse_boxes
 
-from .processing_cogvlm import CogVLMCollator
+from .models.cogvlm.processing import CogVLMCollator
 
 
 def _param_dtype(model: Any, suffix: str) -> torch.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,30 +185,27 @@ def build_meta_model(checkpoint_dir: str | Path):
     """The model's module tree with no weights (meta device): for target reports and key checks."""
     import torch
 
-    from .configuration_cogvlm import CogVLMConfig
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models import load_config, model_class_for
 
     path = require_folder(checkpoint_dir)
     read_checkpoint_config(path)
-    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
+    config = load_config(path)
     with torch.device("meta"):
-        return CogVLMForCausalLM(config)
+        return model_class_for(config)(config)
 
 
-def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
+def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype, full_precision: Sequence[str]):
     """quant section -> transformers' BitsAndBytesConfig (None when not quantizing).
 
-    Only the language model's linears are quantized: the model class keeps the vision tower, the GLU
-    adapter, boi/eoi, embeddings and lm_head in full precision (see `_skip_quantization_modules`).
+    Only the language model's linears are quantized: `full_precision` is the model class's
+    `full_precision_modules` (vision tower with its adapter and boi/eoi, lm_head; embeddings are never Linear).
     """
     if quant.mode == "none":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    from .modeling_cogvlm import CogVLMForCausalLM
-
-    skip = list(getattr(CogVLMForCausalLM, "_skip_quantization_modules", ["vision", "lm_head"]))
+    skip = list(full_precision)
     if quant.mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     cdt = compute_dtype if quant.bnb_4bit_compute_dtype == "auto" else getattr(torch, quant.bnb_4bit_compute_dtype)
@@ -218,13 +216,13 @@ def to_bnb_config(quant: QuantSection, compute_dtype: torch.dtype):
 
 def load_config_and_tokenizer(model_cfg: ModelSection):
     """(config, tokenizer) without loading weights: cheap checks (family, tokenizer) fail before the big load."""
-    from .configuration_cogvlm import CogVLMConfig
+    from .models import load_config
     from .tokenization import load_tokenizer
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
     if model_cfg.tokenizer_dir is not None:
         require_folder(model_cfg.tokenizer_dir, "model.tokenizer_dir")
-    config = CogVLMConfig.from_pretrained(str(path), local_files_only=True)
+    config = load_config(path)
     if model_cfg.family:
         from .families import family_mismatch
 
@@ -236,17 +234,18 @@ def load_config_and_tokenizer(model_cfg: ModelSection):
 
 def load_weights(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):
     """The model with its weights, in the recipe's dtype and (optional) 4/8-bit quantization."""
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models import load_config, model_class_for
 
     path = check_checkpoint_dir(model_cfg.checkpoint_dir)
+    model_cls = model_class_for(load_config(path))
     dtype = resolve_dtype(model_cfg.dtype)
     kwargs = {"dtype": dtype, "local_files_only": True}
-    bnb = to_bnb_config(quant_cfg, dtype) if quant_cfg is not None else None
+    bnb = to_bnb_config(quant_cfg, dtype, model_cls.full_precision_modules) if quant_cfg is not None else None
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return CogVLMForCausalLM.from_pretrained(str(path), **kwargs)
+    return model_cls.from_pretrained(str(path), **kwargs)
 
 
 def load_model(model_cfg: ModelSection, quant_cfg: QuantSection | None = None, device_map=None):

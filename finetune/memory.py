@@ -11,7 +11,6 @@ point, kept there by tests/test_memory.py); not yet checked on a GPU at full siz
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -19,7 +18,6 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes nf4/fp4: 4 bits + one fp32 absmax per 64 weights; double quantization stores the absmax
 # in 8 bits with an fp32 scale per 256 blocks.
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
-_QUANTIZED = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\..*")
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
 # How several GPUs share the training state (finetune/distributed.py ships one accelerate config per engine).
 _ENGINES = ("none", "ddp", "zero2", "zero2-offload", "zero3", "zero3-offload", "fsdp", "fsdp-offload")
@@ -40,6 +38,15 @@ class MemoryPlan:
         lines += [f"{name:<34}{gib:>8.2f}  {basis}" for name, gib, basis in self.rows]
         lines.append(f"{'total':<34}{self.total_gib:>8.2f}")
         return "\n".join(lines)
+
+
+def quantized_weight_names(model) -> set[str]:
+    """Weights bitsandbytes quantizes: every Linear's weight outside the model class's `full_precision_modules`."""
+    import torch.nn as nn
+
+    keep = tuple(getattr(type(model), "full_precision_modules", ()))
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and not any(name == k or name.startswith(k + ".") for k in keep)}
 
 
 def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
@@ -64,8 +71,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
     quant_params = other_params = 0
+    quantized = quantized_weight_names(model) if quant != "none" else set()
     for name, p in model.named_parameters():
-        if quant != "none" and _QUANTIZED.fullmatch(name) and p.dim() == 2:
+        if name in quantized:
             quant_params += p.numel()
         else:
             other_params += p.numel()
@@ -87,7 +95,7 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     if offload and shard_weights:
         host.append(f"weights {(quant_params * qb + other_params * act) / n / GIB:.2f}")
     if shard_weights:
-        unit, tail = _largest_unit_bytes(model, act, qb if quant != "none" else 0.0)
+        unit, tail = _largest_unit_bytes(model, act, qb if quant != "none" else 0.0, quantized)
         rows.append(("weights: gathered units", max(2 * unit, tail + unit) / GIB,
                      f"max(2 wrap units (the running one + the prefetched one) of {unit / GIB:.2f} GiB, lm_head+norm "
                      f"{tail / GIB:.2f} GiB + 1 unit), whole, while they run"))
@@ -170,7 +178,7 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     return MemoryPlan(rows, where)
 
 
-def _largest_unit_bytes(model, act: int, quant_bytes: float) -> tuple[float, float]:
+def _largest_unit_bytes(model, act: int, quant_bytes: float, quantized: set[str]) -> tuple[float, float]:
     """(largest FSDP/ZeRO-3 wrap unit: one decoder or vision layer, whole; lm_head + final norm) in bytes."""
     unit = 0.0
     for name, module in model.named_modules():
@@ -178,8 +186,7 @@ def _largest_unit_bytes(model, act: int, quant_bytes: float) -> tuple[float, flo
             size = 0.0
             for pname, p in module.named_parameters():
                 full = f"{name}.{pname}"
-                size += p.numel() * (quant_bytes if quant_bytes and _QUANTIZED.fullmatch(full) and p.dim() == 2
-                                     else act)
+                size += p.numel() * (quant_bytes if full in quantized else act)
             unit = max(unit, size)
     tail = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm_head.", "model.norm."))) * act
     return unit, tail

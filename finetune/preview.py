@@ -209,7 +209,7 @@ def _cheap_match(f: str, view: RowView) -> bool | None:
 
 def _encode(view: RowView, info: Any, opts: Options) -> None:
     """Token count, turns dropped at max_length (or why the row is dropped), and the encoded row to show."""
-    from .processing_cogvlm import RowTooLong, encode_conversation
+    from .models.cogvlm.processing import RowTooLong, encode_conversation
 
     kwargs = dict(family_version=info.version, image_tokens=info.image_tokens, template_version=info.template_version,
                   last_turn_only=opts.last_turn_only, allow_multi_image=opts.max_images is None or opts.max_images > 1)
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info = resolve_model(model, tokenizer_dir, template)
             if template and info.tokenizer is not None:
-                from .processing_cogvlm import get_template
+                from .models.cogvlm.processing import get_template
 
                 get_template(template)
         except ValueError as exc:

@@ -9,21 +9,20 @@ not re-written: checkpointing, resume, schedules, accumulation, logging, distrib
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from .config import RunConfig, parse_recipe_args, to_yaml
+from .run_folder import RunInfo, prepare_run_folder
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _, cfg = parse_recipe_args(argv, "train.py", "train a LoRA/QLoRA adapter from a recipe", resume_flag=True)
-    from .train_utils import DivergedError
+    from .trainer import DivergedError
 
     try:
         train(cfg)
@@ -45,7 +44,7 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     """
     from transformers import set_seed
 
-    from .train_utils import write_atomic
+    from .fileio import write_atomic
 
     set_seed(cfg.train.seed)
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -55,11 +54,10 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
     out = Path(cfg.output.dir)
     resume = prepare_run_folder(cfg, out, log if is_main else (lambda *_: None), clear=is_main)
     out.mkdir(parents=True, exist_ok=True)
-    run_info: dict = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "resumed_from": str(resume) if resume else None}
+    run_info = RunInfo(resumed_from=str(resume) if resume else None, method=cfg.train.method)
     if is_main:
         write_atomic(out / "recipe.resolved.yaml", to_yaml(cfg))
-        write_run_json(out, run_info)
+        run_info.write(out)
     try:
         if cfg.train.method == "dpo":  # preference tuning through TRL (finetune/dpo.py)
             from .dpo import train_dpo
@@ -68,9 +66,8 @@ def train(cfg: RunConfig, log=print, callbacks: list | None = None) -> Path:
         return _train(cfg, out, resume, run_info, is_main, world, log, callbacks)
     except BaseException as err:
         if is_main:
-            run_info.update(status="failed", error=f"{type(err).__name__}: {err}"[:2000],
-                            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            write_run_json(out, run_info)
+            run_info.fail(err)
+            run_info.write(out)
         raise
 
 
@@ -79,28 +76,18 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     import torch
     from transformers import TrainingArguments
 
-    from adapters import extra_params
-    from adapters.lora import apply_lora
-    from adapters.targets import linear_module_names, resolve_modules_to_save, resolve_targets, trainable_counts
+    from finetune import extra_params
+    from finetune.lora import apply_lora
+    from finetune.targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
-    from .loading import base_fingerprint, build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
+    from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
+    from .data_building import SkipBadImages, build_datasets
+    from .fileio import write_atomic
+    from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
-    from .train_utils import (
-        RUN_STATE,
-        CheckpointCallback,
-        DivergedError,
-        EvalCallback,
-        ExtraParamsCallback,
-        GuardedTrainer,
-        ProgressLineCallback,
-        SkipBadImages,
-        build_datasets,
-        keep_4bit_layers_trainable,
-        nonfinite_parameters,
-        plot_curves,
-        real_numel,
-        write_atomic,
-    )
+    from .plots import plot_curves
+    from .run_folder import RUN_STATE
+    from .trainer import DivergedError, GuardedTrainer, keep_4bit_layers_trainable, nonfinite_parameters, real_numel
 
     on_gpu = torch.cuda.is_available()
     plan: list[str] = [f"# run plan for {out}", ""]
@@ -110,10 +97,10 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Memory plan (meta device: shapes only, before any weight is loaded) ----
     meta = build_meta_model(cfg.model.checkpoint_dir)
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     matched = [n for hit in matches.values() for n in hit]
     modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
-    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules) + bare)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules, meta) + bare)
     dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
     memory = plan_memory(meta, cfg, lora_n, full_n, dtype_name, lora_in_features=in_features, on_gpu=on_gpu)
@@ -251,27 +238,12 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     save_adapter(model, out / "adapter", extra, is_main)  # every rank: sharded weights are gathered first
     if is_main:
         tokenizer.save_pretrained(str(out / "adapter"))
-        run_info.update({
-            "status": "completed",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "family_version": config.cogvlm_version,
-            "base_checkpoint": str(Path(cfg.model.checkpoint_dir).resolve()),
-            "base_config_hash": config_hash(cfg.model.checkpoint_dir),
-            "base_fingerprint": base_fingerprint(cfg.model.checkpoint_dir),
-            "tokenizer_dir": cfg.model.tokenizer_dir,
-            "template_version": template,
-            "image_tokens": config.image_tokens,
-            "quant_mode": cfg.quant.mode,
-            "targets": cfg.lora.targets,
-            "global_step": trainer.state.global_step,
-            "train_loss": train_loss,
-            "train_loss_tokens": trainer.run_loss_tokens + int(trainer._int_tokens),
-            "skipped_nonfinite": trainer.skipped,
-            "skipped_images": skipped_images.value if skipped_images is not None else 0,
-            "wall_seconds": round(wall, 2),
-            "versions": library_versions(),
-        })
-        write_run_json(out, run_info)
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
+                        train_loss_tokens=trainer.run_loss_tokens + int(trainer._int_tokens),
+                        skipped_nonfinite=trainer.skipped,
+                        skipped_images=skipped_images.value if skipped_images is not None else 0,
+                        wall_seconds=round(wall, 2))
+        run_info.write(out)
         plot_curves(trainer.state.log_history, out / "curves.png")
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
             f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
@@ -288,13 +260,6 @@ def restore_checkpoint_weights(trainer, folder: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
 
 
-def write_run_json(out: Path, info: dict) -> None:
-    """run.json: what the run is (status running/failed/completed) and, once completed, what merge needs."""
-    from .train_utils import write_atomic
-
-    write_atomic(out / "run.json", json.dumps(info, indent=2))
-
-
 def save_emergency_checkpoint(trainer) -> Path | None:
     """After an unexpected error: save the last finished step as a normal, verified checkpoint.
 
@@ -305,7 +270,7 @@ def save_emergency_checkpoint(trainer) -> Path | None:
     if step == 0:
         return None
     folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-    from .train_utils import checkpoint_problem
+    from .run_folder import checkpoint_problem
 
     if folder.is_dir() and checkpoint_problem(folder) is None:
         return folder
@@ -345,130 +310,6 @@ def step_warnings(cfg: RunConfig, rows: int | None, world: int = 1) -> list[str]
     if points < 5:
         out.append(f"only {points} loss point(s) will be logged (train.logging_steps={t.logging_steps} over {steps} "
                    f"steps); set train.logging_steps={max(1, steps // 10)}")
-    return out
-
-
-# ---- run folder: what the kit wrote, what it may remove, where it resumes ----
-
-# Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
-_KIT_NAMES = re.compile(
-    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|"
-    r"eval_predictions_step\d+\.jsonl)(\..*)?")
-
-
-def kit_owned(entry: Path) -> bool:
-    return bool(_KIT_NAMES.fullmatch(entry.name))
-
-
-def run_inputs(cfg: RunConfig) -> dict[str, Path]:
-    """The run's inputs that must never sit inside its output folder."""
-    paths = {"model.checkpoint_dir": cfg.model.checkpoint_dir, "model.tokenizer_dir": cfg.model.tokenizer_dir,
-             "data.train_path": cfg.data.train_path, "data.eval_path": cfg.data.eval_path,
-             "data.image_root": cfg.data.image_root}
-    return {k: Path(v).resolve() for k, v in paths.items() if v}
-
-
-def prepare_run_folder(cfg: RunConfig, out: Path, log=print, clear: bool = True) -> Path | None:
-    """Check output.dir against the recipe; returns the checkpoint to resume from (None: a fresh run).
-
-    A fresh run needs an empty folder, or one holding only what an earlier run of the kit wrote: from a run
-    that trained nothing (failed early) it is reused as is; from one with checkpoints or an adapter it
-    needs output.overwrite=true. Either way only the kit's own files are removed, never anything else,
-    and never a folder that holds an input of the run.
-    """
-    import shutil
-
-    from .train_utils import checkpoint_problem, newest_complete_checkpoint
-
-    resume = None
-    if cfg.train.resume == "auto":
-        resume, skipped = newest_complete_checkpoint(out)
-        for folder, why in skipped:
-            log(f"resume: skipped {folder.name}: {why}")
-        if resume is None and skipped:
-            raise ValueError(f"cannot resume {out}: no complete checkpoint (" + "; ".join(
-                f"{f.name}: {why}" for f, why in skipped) + "). Start over with output.overwrite=true (removes only "
-                "the kit's files), or train into another output.dir.")
-        log(f"resume: {resume or 'no checkpoint found, starting fresh'}")
-        if resume is not None and clear:
-            for folder, _ in skipped:  # newer but incomplete: the kit's own, and the run will write them again
-                shutil.rmtree(folder)
-    elif cfg.train.resume:
-        resume = Path(cfg.train.resume)
-        problem = checkpoint_problem(resume, need_manifest=False)
-        if problem:
-            raise ValueError(f"cannot resume from {resume}: {problem}. Pick a complete checkpoint (train.resume=auto "
-                             "takes the newest one that verifies).")
-    elif out.is_dir() and any(out.iterdir()):
-        entries = sorted(out.iterdir())
-        ours = (out / "recipe.resolved.yaml").is_file() or (out / "run.json").is_file()
-        foreign = [e.name + ("/" if e.is_dir() else "") for e in entries if not (ours and kit_owned(e))]
-        inside = [f"{k} ({p})" for k, p in run_inputs(cfg).items() if p == out.resolve() or out.resolve() in p.parents]
-        if foreign or inside:
-            what = []
-            if foreign:
-                what.append(f"files the kit did not write: {', '.join(foreign[:8])}"
-                            + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""))
-            if inside:
-                what.append(f"inputs of this run: {', '.join(inside)}")
-            why = ("Nothing was removed: output.overwrite only ever removes what an earlier run of the kit wrote. "
-                   if cfg.output.overwrite else "")
-            raise ValueError(f"run folder {out} is not empty: it holds {'; '.join(what)}. {why}Train into another "
-                             "(or an empty) output.dir.")
-        trained = [e.name for e in entries if e.name == "adapter" or re.fullmatch(r"checkpoint-\d+", e.name)]
-        if trained and not cfg.output.overwrite:
-            raise ValueError(f"run folder {out} is not empty: it holds an earlier run ({', '.join(trained[:4])}). "
-                             "Use --resume auto (train.resume=auto) to continue it, output.overwrite=true to start "
-                             "over (removes only the kit's files), or another output.dir.")
-        if clear:
-            for entry in entries:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            log(f"output.overwrite: removed {len(entries)} entries an earlier run wrote in {out}" if trained else
-                f"run folder {out}: reusing it (it held only files of a run that trained nothing)")
-    if resume is not None:
-        check_same_recipe(out / "recipe.resolved.yaml", cfg)
-    return resume
-
-
-# Sections whose change makes a checkpoint belong to another experiment (train.* may change on resume,
-# e.g. max_steps to train longer).
-_RESUME_SECTIONS = ("model", "data", "lora", "quant")
-
-
-def check_same_recipe(saved: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a run folder written by a different recipe (model, data, LoRA or quantization)."""
-    import dataclasses
-
-    import yaml
-
-    if not saved.is_file():
-        return
-    before = yaml.safe_load(saved.read_text()) or {}
-    now = dataclasses.asdict(cfg)
-    changed = [f"{sec}.{k}: {before.get(sec, {}).get(k)!r} -> {v!r}" for sec in _RESUME_SECTIONS
-               for k, v in now[sec].items() if before.get(sec, {}).get(k) != v]
-    if changed:
-        raise ValueError(f"cannot resume {saved.parent}: its recipe differs in " + "; ".join(changed)
-                         + ". Resume with the same recipe, or train into another output.dir.")
-
-
-def config_hash(checkpoint_dir: str | Path) -> str:
-    """sha256 of the base config.json: merge refuses an adapter trained on another base."""
-    data = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        data.pop(volatile, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("cogtune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
     return out
 
 

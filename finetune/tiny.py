@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .configuration_cogvlm import CogVLMConfig
+from .models.cogvlm.configuration import CogVLMConfig
 
 FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2}
 
@@ -82,7 +82,7 @@ def make_tiny(version: int, out_dir: str | Path, seed: int = 0, **overrides: Any
     import torch
     from transformers import GenerationConfig
 
-    from .modeling_cogvlm import CogVLMForCausalLM
+    from .models.cogvlm.modeling import CogVLMForCausalLM
     from .tokenization import build_tiny_tokenizer
 
     out = Path(out_dir)

@@ -225,8 +225,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     """Checkpoint folder or family name -> ModelInfo; ValueError with the fix when neither."""
     folder = Path(model)
     if folder.is_dir():
-        from finetune.configuration_cogvlm import CogVLMConfig
         from finetune.loading import read_checkpoint_config
+        from finetune.models.cogvlm.configuration import CogVLMConfig
 
         try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
             cfg = CogVLMConfig(**read_checkpoint_config(folder))
@@ -266,7 +266,7 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
                  max_images: int | None) -> tuple[list[str], list[Problem]]:
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
-    from finetune.processing_cogvlm import RowTooLong, encode_conversation
+    from finetune.models.cogvlm.processing import RowTooLong, encode_conversation
 
     lengths: list[int] = []
     truncated = dropped = 0
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = resolve_model(args.model, args.tokenizer_dir, args.template)
         if args.template and info.tokenizer is not None:
-            from finetune.processing_cogvlm import get_template
+            from finetune.models.cogvlm.processing import get_template
 
             get_template(args.template)  # an unknown name fails here once, not once per row
     except ValueError as exc:

@@ -33,7 +33,7 @@ def make_inputs(
 
 
 def build_tiny_model(version: int, seed: int = 0, **overrides):
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.tiny import tiny_config
 
     torch.manual_seed(seed)

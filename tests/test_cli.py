@@ -47,7 +47,7 @@ def _env() -> dict[str, str]:
 def test_documented_training_command_runs(tmp_path, launcher):
     """The README's training commands on a tiny checkpoint, end to end: `accelerate launch train.py RECIPE` in
     the clone, and from the user's own folder `accelerate launch -m finetune.cli train NAME` / `cogtune train NAME`."""
-    from finetune.demo import write_task
+    from adapters.demo import write_task
     from finetune.tiny import make_tiny
 
     base = make_tiny(2, tmp_path / "base")
@@ -130,8 +130,8 @@ def test_family_mismatch_says_what_was_detected_and_how_to_fix_it():
 
 def test_shipped_recipe_on_a_tiny_base_explains_both_fixes(tmp_path, capsys, monkeypatch):
     """`check` with a shipped recipe on a `make-tiny` base: the family check, then a loss that does not drop."""
+    from adapters.demo import write_task
     from finetune import check
-    from finetune.demo import write_task
     from finetune.tiny import make_tiny
 
     base = make_tiny(2, tmp_path / "base")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_formats.schema import Conversation, Message
 from finetune.families import CLIP_MEAN, CLIP_STD
-from finetune.processing_cogvlm import IGNORE_INDEX, CogVLMCollator, pack_examples
+from finetune.models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, pack_examples
 from finetune.tiny import tiny_config
 from finetune.tokenization import build_tiny_tokenizer
 
@@ -115,7 +115,7 @@ def test_left_padding_for_generation(red_png):
     assert left["input_ids"][1, :30 - n].eq(510).all()
     # Positions of a left-padded row equal the row alone (BOS = 0), as the model's own default.
     assert left["position_ids"][1, 30 - n:].tolist() == list(range(n))
-    from finetune.modeling_cogvlm import default_position_ids
+    from finetune.models.cogvlm.modeling import default_position_ids
 
     assert torch.equal(left["position_ids"], default_position_ids(left["token_type_ids"], left["attention_mask"]))
     gen = CogVLMCollator(tok, cfg, padding_side="left", add_generation_prompt=True)(rows)

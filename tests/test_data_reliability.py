@@ -153,7 +153,7 @@ def broken_images(tmp_path, monkeypatch):
 
 
 def test_training_validation_decodes_every_image(broken_images):
-    # what training calls (train_utils.read_conversations), with its default arguments
+    # what training calls (data_building.read_conversations), with its default arguments
     with pytest.raises(DataValidationError) as info:
         load_and_validate(broken_images)
     msg = str(info.value)
@@ -173,12 +173,12 @@ def test_skip_invalid_skips_bad_images_and_encoding_agrees(broken_images, tmp_pa
 
 
 def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path):
-    """train_utils.build_datasets (what `cogtune train` runs): bad images, a malformed line and a BOM, with
+    """data_building.build_datasets (what `cogtune train` runs): bad images, a malformed line and a BOM, with
     data.skip_invalid: the run starts, the log's counts match the rows in the training set, all of which load."""
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.train_utils import build_datasets
+    from finetune.data_building import build_datasets
 
     text = broken_images.read_text()
     broken_images.write_bytes(b"\xef\xbb\xbf" + (text + '{"id": "cut", "messages": [{"ro\n').encode())
@@ -294,7 +294,7 @@ def test_validate_and_training_see_the_scaled_16bit_image(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"images": ["g16.png"], "messages": QA}])
     convs, report = check_file(path)
     assert len(convs) == 1 and not report.errors
-    from finetune.processing_cogvlm import load_and_transform_image
+    from finetune.models.cogvlm.processing import load_and_transform_image
 
     pixels = load_and_transform_image(convs[0].images[0], 8)
     assert float(pixels.std()) > 0.5  # a ramp, not a blank (all-white) picture
@@ -559,7 +559,7 @@ def test_a_non_utf8_line_is_one_bad_row_that_skip_invalid_skips(tmp_path):
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.train_utils import build_datasets
+    from finetune.data_building import build_datasets
 
     path = tmp_path / "mixed.jsonl"
     good = json.dumps({"id": "ok0", "messages": TEXT}).encode()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_formats.schema import read_jsonl
 from finetune.dataset import CogVLMDataset, CogVLMIterableDataset, build_torch_dataset, encode_jsonl
-from finetune.processing_cogvlm import CogVLMCollator, encode_conversation
+from finetune.models.cogvlm.processing import CogVLMCollator, encode_conversation
 from finetune.tiny import tiny_config
 from finetune.tokenization import build_tiny_tokenizer
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune.demo import RECIPE, write_task
 from safetensors.torch import load_file
 
 from finetune.config import load_recipe
-from finetune.demo import RECIPE, write_task
 from finetune.distributed import CONFIG_DIR, check_launch_config, read_launch_config
 from finetune.distributed import main as launch_main
 from finetune.recipe import train
@@ -117,7 +117,7 @@ def test_fsdp_checkpoint_holds_a_consolidated_adapter_beside_the_shards(fsdp):
     ckpt = fsdp / "checkpoint-2"
     assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()  # resumable on M GPUs
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
-    from finetune.train_utils import checkpoint_problem
+    from finetune.run_folder import checkpoint_problem
 
     assert checkpoint_problem(ckpt) is None
 
@@ -133,7 +133,7 @@ def test_two_process_checkpoint_resumes_on_one_process(engine, task, single, req
     assert _max_diff(_adapter(out / "adapter"), _adapter(single / "adapter")) <= TOL
     from peft import PeftModel
 
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     base = data[0].split("=", 1)[1]
     PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(base), str(out / "adapter"))  # loadable
@@ -261,9 +261,9 @@ def test_shipped_configs_stay_out_of_the_recipe_list():
 
 @pytest.fixture(scope="module")
 def cogvlm2_plan():
-    from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
-    from finetune.configuration_cogvlm import CogVLMConfig
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.configuration import CogVLMConfig
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
 
     ref = ROOT / "tests" / "assets" / "reference" / "configs" / "cogvlm2-llama3-chat-19B.config.json"
     with torch.device("meta"):
@@ -304,8 +304,8 @@ def test_sharding_engines_divide_what_they_shard(cogvlm2_plan):
 
 
 def test_targets_verb_takes_gpus_and_engine(capsys):
-    from adapters.targets import main as targets_main
     from finetune.distributed import split_plan_args
+    from finetune.targets import main as targets_main
 
     assert split_plan_args(["r", "--gpus", "4", "--engine=zero3-offload"]) == (["r"], 4, "zero3-offload")
     assert split_plan_args(["r", "--gpus", "8", "--engine", "fsdp-multinode"]) == (["r"], 8, "fsdp")  # a config

@@ -133,7 +133,7 @@ def test_section_numbers_are_unique_per_document():
 
 def test_code_cites_architecture_sections():
     """The model code points at the architecture document (the comments are the map into it)."""
-    text = (ROOT / "finetune" / "modeling_cogvlm.py").read_text(encoding="utf-8")
+    text = (ROOT / "finetune" / "models" / "cogvlm" / "modeling.py").read_text(encoding="utf-8")
     assert DEFAULT_DOC in text
     assert len(_SECTION.findall(text)) >= 20
 

@@ -32,8 +32,8 @@ def _pairs(tmp_path, n=2):
 
 
 def _setup(version, tmp_path):
-    from adapters.lora import apply_lora
     from finetune.dpo import PreferenceCollator, encode_pairs
+    from finetune.lora import apply_lora
     from finetune.tokenization import build_tiny_tokenizer
     from tests.conftest import build_tiny_model
 
@@ -117,9 +117,9 @@ def test_trainer_loss_matches_hand_computed_dpo_loss(version, tmp_path, precompu
 def test_recipe_dpo_run_raises_preference_accuracy(tmp_path, quant):
     """`train.method=dpo` end to end on a tiny CogVLM2 (LoRA and QLoRA), held-out pairs. At this small scale the
     preference does not depend on the image (chosen: red/green/blue, rejected: yellow/purple/orange); the
-    image-dependent proof (true colour preferred) is `python -m finetune.dpo_demo`."""
+    image-dependent proof (true colour preferred) is `python -m adapters.dpo_demo`."""
+    from adapters.dpo_demo import write_pairs
     from finetune.config import load_recipe
-    from finetune.dpo_demo import write_pairs
     from finetune.recipe import train
     from finetune.tiny import make_tiny
 

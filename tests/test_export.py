@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 from adapters.export import export_peft, main
-from adapters.merge import resolve_adapter
+from finetune.run_folder import resolve_adapter
 
 from .test_merge import in_process_verify, make_run  # noqa: F401 - fixture re-used
 

@@ -140,6 +140,7 @@ def test_generate_refuses_contradicting_position_ids(tiny_model):
 def adapted(tiny_checkpoints, tmp_path_factory):
     """Per version: (base + adapter as PeftModel, the merged folder loaded back, the run folder)."""
     from adapters import merge as merge_mod
+    from adapters import merge_verify
 
     from .test_merge import make_run
 
@@ -147,7 +148,7 @@ def adapted(tiny_checkpoints, tmp_path_factory):
     out = {}
     verify = merge_mod.verify_in_fresh_process
     # The fresh-process reload costs ~5 s of imports; the merge's own tests keep it. Same checks, in process.
-    merge_mod.verify_in_fresh_process = lambda f, p, d, q, log: {**merge_mod.verify_folder(f, p, d),
+    merge_mod.verify_in_fresh_process = lambda f, p, d, q, log: {**merge_verify.verify_folder(f, p, d),
                                                                   "reload_seconds": 0.0}
     try:
         for v, base in tiny_checkpoints.items():
@@ -193,7 +194,7 @@ def _forward_loop_answer(model, tok, conv, collator, steps: int = 4) -> str:
 
 @pytest.mark.parametrize("which", ["plain", "peft"])
 def test_generate_answers_equals_forward_loop(adapted, tiny_checkpoints, version, which):
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import load_tokenizer
 
     model = build_tiny_model(version) if which == "plain" else adapted[version][0]  # peft: what chat/predict load
@@ -217,7 +218,7 @@ def test_predict_and_chat_give_the_forward_loop_tokens(adapted, tiny_checkpoints
 
     from adapters.chat import answer
     from adapters.predict import InferenceModel, predict
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator
 
     im = InferenceModel(tiny_checkpoints[1], [str(adapted[1][2])], dtype="fp32")
     template = im.template()

@@ -65,7 +65,7 @@ def test_missing_tokenizer_dir_is_clean(tiny_checkpoints, tmp_path, no_hub):
 
 def test_targets_with_a_mistyped_folder_prints_one_line(tmp_path, capsys, no_hub, monkeypatch):
     """issue 9.3: `cogtune targets` gave a 39-line traceback (Repo id must be in the form ...)."""
-    from adapters.targets import main
+    from finetune.targets import main
 
     monkeypatch.chdir(tmp_path)
     assert main([str(RECIPE), "model.checkpoint_dir=checkpints/tiny"]) == 2
@@ -81,7 +81,7 @@ def test_gpt2_config_is_refused_in_one_line(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="model_type 'gpt2'.*GPT2LMHeadModel.*not a CogVLM"):
         check_checkpoint_dir(folder)
     from adapters.chat import main as chat_main
-    from adapters.targets import main as targets_main
+    from finetune.targets import main as targets_main
 
     assert targets_main([str(RECIPE), f"model.checkpoint_dir={folder}"]) == 2
     assert chat_main(["--model", str(folder), "--prompt", "hi"]) == 1
@@ -116,7 +116,7 @@ def test_damaged_shards_are_refused_in_one_line(tiny_checkpoints, tmp_path, caps
 
 
 def test_fingerprint_tells_weights_apart_but_not_copies_or_sharding(tiny_checkpoints, tmp_path):
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
     from finetune.tiny import make_tiny
 
     base = tiny_checkpoints[2]

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.targets import linear_module_names, memory_plan_for, resolve_targets
 from finetune.config import load_recipe
-from finetune.configuration_cogvlm import CogVLMConfig
-from finetune.modeling_cogvlm import CogVLMForCausalLM
+from finetune.models.cogvlm.configuration import CogVLMConfig
+from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+from finetune.targets import memory_plan_for, resolve_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "assets" / "reference" / "configs" / "cogvlm2-llama3-chat-19B.config.json"
@@ -23,8 +23,7 @@ def cogvlm2():
 
 def _plan(model, *overrides):
     cfg = load_recipe(ROOT / "recipes" / "cogvlm2-lora.yaml", list(overrides))
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                    linear_module_names(model))
+    _, matches, _ = resolve_targets(cfg.lora.targets, model)
     return memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit])
 
 

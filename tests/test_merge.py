@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from adapters import merge as merge_mod
-from adapters.merge import AdapterMismatch, merge_adapter, resolve_adapter
+from adapters import merge_verify, merge_write
+from adapters.merge import merge_adapter
+from adapters.merge_load import AdapterMismatch
+from finetune.run_folder import resolve_adapter
 
 TARGETS = (r"model\.layers\.\d+\.(self_attn\.(language|vision)_expert_(query_key_value|dense)"
            r"|mlp\.(language|vision)_mlp\.(gate|up|down)_proj)|model\.vision\.linear_proj\.(linear_proj|gate_proj)")
@@ -22,13 +25,14 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
 
     from finetune.config import QuantSection
     from finetune.loading import base_fingerprint, to_bnb_config
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
-    from finetune.recipe import config_hash
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.run_folder import config_hash
     from finetune.tokenization import load_tokenizer
 
     kwargs = {"dtype": torch.float32}
     if quant != "none":
-        kwargs["quantization_config"] = to_bnb_config(QuantSection(mode=quant), torch.float32)
+        kwargs["quantization_config"] = to_bnb_config(QuantSection(mode=quant), torch.float32,
+                                                      CogVLMForCausalLM.full_precision_modules)
     model = CogVLMForCausalLM.from_pretrained(str(base_dir), **kwargs)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed)
@@ -52,7 +56,7 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
 def in_process_verify(monkeypatch):
     """Verification without the fresh process (~5 s of imports each); the parity tests keep the real one."""
     def verify(folder, probe_file, dtype, quant, log):
-        return {**merge_mod.verify_folder(folder, probe_file, dtype), "reload_seconds": 0.0}
+        return {**merge_verify.verify_folder(folder, probe_file, dtype), "reload_seconds": 0.0}
 
     monkeypatch.setattr(merge_mod, "verify_in_fresh_process", verify)
 
@@ -64,11 +68,11 @@ def runs(tiny_checkpoints, tmp_path_factory):
 
 
 def test_merge_parity_lora_and_strict_reload(runs, tiny_checkpoints, tmp_path, version, monkeypatch):
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     if version == 1:  # the fresh process (~5 s of imports) is exercised once, with CogVLM2
         monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
-            **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
+            **merge_verify.verify_folder(f, p, d), "reload_seconds": 0.0})
 
     logs: list[str] = []
     out = tmp_path / "merged"
@@ -223,7 +227,7 @@ def _stale_folder(parent: Path, name: str, pid: int, kind: str = "partial", out:
     folder = parent / name
     folder.mkdir(parents=True)
     (folder / "model-00001-of-00001.safetensors").write_bytes(b"x" * 1000)
-    (folder / merge_mod.STAGING_MARKER).write_text(json.dumps(
+    (folder / merge_write.STAGING_MARKER).write_text(json.dumps(
         {"pid": pid, "host": socket.gethostname(), "kind": kind, "created": 0, "out": out}))
     return folder
 
@@ -276,22 +280,23 @@ def test_verifier_dies_with_its_parent(tmp_path):
 
     parent_code = (
         "import subprocess, sys, os, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from adapters.merge import tie_to_parent; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; "
+        "from adapters.merge_verify import tie_to_parent; "
         "tie_to_parent(int(sys.argv[1]), poll_seconds=0.2); print(\"tied\", flush=True); time.sleep(120)', "
         "str(os.getpid())])\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(120)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(merge_mod.REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(merge_verify.REPO_ROOT)}
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=env)
     child_pid = int(parent.stdout.readline())
     assert parent.stdout.readline().strip() == "tied"
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and not merge_mod._process_gone(child_pid):
+    while time.time() < deadline and not merge_write._process_gone(child_pid):
         time.sleep(0.1)
-    gone = merge_mod._process_gone(child_pid)
+    gone = merge_write._process_gone(child_pid)
     if not gone:
         os.kill(child_pid, signal.SIGKILL)
     assert gone, "the verification child outlived its parent"
@@ -307,7 +312,7 @@ def test_verify_in_fresh_process_passes_parent_pid(monkeypatch, tmp_path):
         seen["cmd"] = cmd
         return subprocess.CompletedProcess(cmd, 1, "", "boom")
 
-    monkeypatch.setattr(merge_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr(merge_verify.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="failed to reload"):
         merge_mod.verify_in_fresh_process(tmp_path, tmp_path / "probe.safetensors", "float32", None, print)
     cmd = seen["cmd"]
@@ -328,12 +333,12 @@ def test_pickle_probe_is_never_executed(tiny_checkpoints, tmp_path):
     probe = tmp_path / "probe.pt"
     probe.write_bytes(pickle.dumps({"reference": Payload()}))
     with pytest.raises(ValueError, match="not a safetensors probe"):
-        merge_mod.verify_main([str(tiny_checkpoints[2]), "--probe", str(probe), "--report",
+        merge_verify.verify_main([str(tiny_checkpoints[2]), "--probe", str(probe), "--report",
                                str(tmp_path / "r.json"), "--dtype", "float32"])
     assert not marker.exists(), "the pickle payload ran"
     torch.save({"x": Payload()}, tmp_path / "probe2.pt")  # torch.save's zip format: refused as well
     with pytest.raises(ValueError, match="not a safetensors probe"):
-        merge_mod.verify_main([str(tiny_checkpoints[2]), "--probe", str(tmp_path / "probe2.pt"), "--report",
+        merge_verify.verify_main([str(tiny_checkpoints[2]), "--probe", str(tmp_path / "probe2.pt"), "--report",
                                str(tmp_path / "r.json"), "--dtype", "float32"])
     assert not marker.exists()
 

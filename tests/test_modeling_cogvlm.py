@@ -10,8 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.configuration_cogvlm import CogVLMConfig
-from finetune.modeling_cogvlm import CogVLMForCausalLM, ExpertRouting, build_attention_mask, default_position_ids
+from finetune.models.cogvlm.configuration import CogVLMConfig
+from finetune.models.cogvlm.modeling import (
+    CogVLMForCausalLM,
+    ExpertRouting,
+    build_attention_mask,
+    default_position_ids,
+)
 from finetune.token_types import build_position_ids, get_expert_mask
 from tests.conftest import REFERENCE, build_tiny_model, make_inputs
 
@@ -270,7 +275,7 @@ def test_logits_match_naive_reference(tiny_model):
 
 def test_rope_ramp_in_inv_freq_dtype():
     """docs/architecture.md §10.2: in a bf16 model positions are rounded in bf16 (257 -> 256, 259 -> 260)."""
-    from finetune.modeling_cogvlm import RotaryEmbedding
+    from finetune.models.cogvlm.modeling import RotaryEmbedding
 
     rot = RotaryEmbedding(8, 10000.0).to(torch.bfloat16)
     cos, _ = rot(torch.tensor([[256, 257, 258, 259, 260]]), torch.float32)
@@ -466,7 +471,7 @@ def test_left_padded_batch_generation_equals_single(tiny_model):
 
 def test_positions_follow_token_types_whatever_is_passed(tiny_model):
     """Positions are derived from the token types; positions that contradict them are refused, not used."""
-    from finetune.modeling_cogvlm import CACHE_NAME
+    from finetune.models.cogvlm.modeling import CACHE_NAME
 
     ids, types, images = make_inputs(tiny_model.config, [[5, 6, 7]])
     with torch.no_grad():

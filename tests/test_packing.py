@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from data_formats.schema import Conversation, Message
-from finetune.modeling_cogvlm import segment_runs
-from finetune.processing_cogvlm import CogVLMCollator
+from finetune.models.cogvlm.modeling import segment_runs
+from finetune.models.cogvlm.processing import CogVLMCollator
 from finetune.tokenization import build_tiny_tokenizer
 
 aten = torch.ops.aten

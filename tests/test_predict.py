@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.merge import build_probe, probe_logits
+from adapters.merge_verify import build_probe, probe_logits
 from adapters.predict import InferenceModel, main
 
 from .test_merge import make_run
@@ -100,7 +100,7 @@ def test_predictions_follow_umask(two_runs, tmp_path):
 def test_predict_and_chat_refuse_a_base_with_other_weights(two_runs, tmp_path, capsys):
     """issue 14.10: same config.json, other weights (make-tiny --seed 7) is refused unless --force-base."""
     from adapters.chat import main as chat_main
-    from adapters.merge import AdapterMismatch
+    from adapters.merge_load import AdapterMismatch
     from finetune.tiny import make_tiny
 
     base, run_a, _ = two_runs

@@ -179,7 +179,7 @@ def test_filters_rows_and_bad_filters(tmp_path, capsys):
 
 
 def test_tokens_and_truncation_with_a_model(tiny_checkpoints, tmp_path, capsys):
-    from finetune.processing_cogvlm import encode_conversation
+    from finetune.models.cogvlm.processing import encode_conversation
     from finetune.validate import resolve_model
 
     data = ROOT / "tests" / "assets" / "data" / "tiny.jsonl"
@@ -279,7 +279,7 @@ def test_pages_and_go_to_in_chromium(tmp_path):
 
 
 def test_preview_of_the_tiny_demo_data(tmp_path):
-    from finetune.demo import write_task
+    from adapters.demo import write_task
 
     train, _ = write_task(tmp_path, n_train=6, n_eval=1, seed=0)
     page, counts = build_preview(train, Options())

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_formats.schema import Conversation, Message
 from finetune.families import CLIP_MEAN, CLIP_STD
-from finetune.processing_cogvlm import (
+from finetune.models.cogvlm.processing import (
     IGNORE_INDEX,
     RowTooLong,
     build_prompt,

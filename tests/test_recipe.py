@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
-from finetune.demo import RECIPE, write_task
 from finetune.recipe import train
 from finetune.tiny import make_tiny
-from finetune.train_utils import guard_nonfinite
+from finetune.trainer import guard_nonfinite
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_run_folder_contents_and_plain_peft_load(task, tmp_path):
 
     from peft import PeftModel
 
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     model = PeftModel.from_pretrained(CogVLMForCausalLM.from_pretrained(str(task[0])), str(out / "adapter"))
     assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -141,9 +141,9 @@ def test_check_passes_and_fails_when_loss_cannot_drop(task, tmp_path, capsys):
 
 def test_boi_eoi_train_save_resume_and_merge(task, tmp_path):
     """boi/eoi are bare parameters: trained beside LoRA, saved next to the adapter, restored on resume and merge."""
-    from adapters import extra_params
     from adapters.merge import merge_adapter
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune import extra_params
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     common = ("lora.modules_to_save=[boi_eoi]", "train.max_steps=6", "train.save_steps=3", "eval.generation_rows=0",
               "data.eval_path=null")

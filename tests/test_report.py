@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from adapters.report import PREDICTION_COLOUR, REFERENCE_COLOUR, build_report, pair_boxes, write_eval_report
 from data_formats.boxes import iou
 from data_formats.schema import Conversation, Message, read_jsonl
 from finetune.html_page import display_size
+from finetune.report import PREDICTION_COLOUR, REFERENCE_COLOUR, build_report, pair_boxes, write_eval_report
 
 from . import browser
 
@@ -118,9 +118,9 @@ def test_predict_writes_a_report(tiny_checkpoints, tmp_path, capsys):
 
 
 def test_eval_callback_writes_a_report_each_eval(tmp_path):
-    from finetune.processing_cogvlm import CogVLMCollator
+    from finetune.callbacks import EvalCallback
+    from finetune.models.cogvlm.processing import CogVLMCollator
     from finetune.tokenization import build_tiny_tokenizer
-    from finetune.train_utils import EvalCallback
 
     from .conftest import build_tiny_model
 

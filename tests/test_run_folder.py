@@ -11,17 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe, parse_recipe_args
-from finetune.demo import RECIPE, write_task
+from finetune.fileio import write_atomic
 from finetune.recipe import step_warnings, train
+from finetune.run_folder import MANIFEST, checkpoint_problem, newest_complete_checkpoint
 from finetune.tiny import make_tiny
-from finetune.train_utils import (
-    MANIFEST,
-    DivergedError,
-    checkpoint_problem,
-    newest_complete_checkpoint,
-    write_atomic,
-)
+from finetune.trainer import DivergedError
 
 from .test_recipe import _StopAt
 
@@ -110,7 +106,7 @@ def test_a_folder_without_kit_evidence_is_never_treated_as_a_run(task, tmp_path)
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
-    from finetune.demo import main
+    from adapters.demo import main
 
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["--out", str(tmp_path)]) == 2
@@ -258,7 +254,7 @@ def test_nonfinite_weights_are_never_saved(task, tmp_path):
 
 
 def test_log_reports_finite_mean_only():
-    from finetune.train_utils import GuardedTrainer
+    from finetune.trainer import GuardedTrainer
 
     trainer = GuardedTrainer.__new__(GuardedTrainer)
     trainer._int_sum, trainer._int_tokens, trainer._int_skipped = torch.tensor(12.0), torch.tensor(4), 3
@@ -345,7 +341,7 @@ def test_qlora_trains_after_evaluation_exactly_as_without_it(task, tmp_path):
 def test_4bit_layers_stay_on_the_training_kernel_after_eval(task):
     from finetune.config import ModelSection, QuantSection
     from finetune.loading import load_weights
-    from finetune.train_utils import keep_4bit_layers_trainable
+    from finetune.trainer import keep_4bit_layers_trainable
 
     model = load_weights(ModelSection(checkpoint_dir=str(task[0]), dtype="float32"),
                          QuantSection(mode="nf4", bnb_4bit_compute_dtype="float32"))
@@ -388,12 +384,12 @@ def test_console_is_a_short_summary_and_the_details_go_to_the_run_folder(task, t
     assert not [m for m in messages if "checkpointing" in m and "deprecated" in m], messages
     assert not [m for m in messages if "Paged optimizers" in m], messages
     # 9.11: the trainable count is over real parameters (4-bit storage holds two per element), as `targets` says
-    from adapters.targets import linear_module_names, parameter_table, resolve_targets
     from finetune.loading import build_meta_model
+    from finetune.targets import parameter_table, resolve_targets
 
     meta = build_meta_model(task[0])
     cfg = _cfg(task, tmp_path / "x")
-    _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in meta.named_modules()], linear_module_names(meta))
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
     table = parameter_table(meta, [n for h in matches.values() for n in h], cfg.lora.r)
     summary = table.splitlines()[-1].removeprefix("trainable: ")
     assert f"trainable {summary}" in text
@@ -415,7 +411,7 @@ def test_progress_line_with_eta_and_throughput_in_tensorboard(task, tmp_path):
 
 
 def test_tokens_per_s_is_smoothed():
-    from finetune.train_utils import GuardedTrainer
+    from finetune.trainer import GuardedTrainer
 
     trainer = GuardedTrainer.__new__(GuardedTrainer)
     trainer._log_t, trainer._log_tokens, trainer._tok_rate, trainer.eval_seconds = None, 0, None, 0.0
@@ -425,7 +421,7 @@ def test_tokens_per_s_is_smoothed():
         t += dt
         trainer.tokens_seen = seen
         logs = {}
-        import finetune.train_utils as tu
+        import finetune.trainer as tu
 
         real = tu.time.time
         tu.time.time = lambda t=t: t
@@ -448,3 +444,22 @@ def test_write_atomic_respects_the_umask(tmp_path, mask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_run_info_round_trip_keeps_unknown_keys_and_refuses_newer_formats(tmp_path):
+    from finetune.run_folder import RUN_JSON_FORMAT, RunInfo, read_json
+
+    info = RunInfo(resumed_from="x/checkpoint-3", method="dpo", extra={"beta": 0.1})
+    info.fail(ValueError("boom"))
+    info.write(tmp_path)
+    raw = json.loads((tmp_path / "run.json").read_text())
+    assert raw["status"] == "failed" and raw["error"] == "ValueError: boom" and raw["beta"] == 0.1
+    raw["added_by_a_later_minor_release"] = [1, 2]
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    back = RunInfo.read(tmp_path)
+    assert back.method == "dpo" and back.extra == {"beta": 0.1, "added_by_a_later_minor_release": [1, 2]}
+    assert back.to_dict() == raw
+    raw["format"] = RUN_JSON_FORMAT + 1
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="newer cogtune"):
+        read_json(tmp_path / "run.json")

@@ -5,15 +5,12 @@ import re
 import pytest
 import torch
 
-from adapters.targets import (
-    PRESETS,
-    SAVE_PRESETS,
-    linear_module_names,
-    parameter_table,
-    resolve_targets,
-)
-from finetune.modeling_cogvlm import CogVLMForCausalLM
+from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+from finetune.targets import parameter_table, resolve_targets
 from finetune.tiny import tiny_config
+
+PRESETS = CogVLMForCausalLM.target_spec.presets  # the model class owns its presets
+SAVE_PRESETS = CogVLMForCausalLM.target_spec.save_presets
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["cogvlm", "cogvlm2"])
@@ -23,8 +20,7 @@ def meta_model(request):
 
 
 def _resolve(model, targets):
-    pattern, matches, _ = resolve_targets(targets, [n for n, _ in model.named_modules()],
-                                          linear_module_names(model))
+    pattern, matches, _ = resolve_targets(targets, model)
     return pattern, matches
 
 
@@ -94,12 +90,11 @@ def test_presets_are_anchored():
 
 
 def test_gradient_free_modules_really_get_no_gradient():
-    from finetune.modeling_cogvlm import CogVLMForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
 
     torch.manual_seed(0)
     model = CogVLMForCausalLM(tiny_config(2))
-    names = [n for n, _ in model.named_modules()]
-    dead = resolve_targets(["vision_expert"], names, linear_module_names(model))[2]
+    dead = resolve_targets(["vision_expert"], model)[2]
     assert sorted(n.rsplit(".", 1)[1] for n in dead) == ["down_proj", "gate_proj", "up_proj", "vision_expert_dense"]
     n_img, s = model.config.image_tokens, model.config.vision_config["image_size"]
     ids = torch.randint(3, 100, (1, 1 + n_img + 6))

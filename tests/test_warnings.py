@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from adapters import merge as merge_mod
+from adapters import merge_verify
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
-from finetune.demo import RECIPE, write_task
 from finetune.generation import generate_answers
 from finetune.recipe import train
 from finetune.tokenization import load_tokenizer
@@ -104,7 +105,7 @@ def test_generation_and_merge_are_quiet(task, tiny_checkpoints, monkeypatch):
     run = make_run(task[0] / "lora", base, seed=3)
     # Same checks as the fresh process, in this one, so that their warnings are seen here too.
     monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
-        **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
+        **merge_verify.verify_folder(f, p, d), "reload_seconds": 0.0})
     with strict_warnings():
         model = merge_mod.attach_adapters(merge_mod.load_base(base, "float32"),
                                           [("default", merge_mod.resolve_adapter(run))], base)

@@ -28,11 +28,47 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_cogvlm import CogVLMConfig
-from .families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
-from .token_types import build_position_ids, get_expert_mask
+from ...families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from ...targets import TargetSpec
+from ...token_types import build_position_ids, get_expert_mask
+from .configuration import CogVLMConfig
 
 # Modules that must never be quantized (bitsandbytes) - everything but the decoder's linears.
+_LAYER = r"model\.layers\.\d+\."
+# LoRA targets of the CogVLM family (docs/conventions.md §5), owned by the model class below.
+COGVLM_TARGETS = TargetSpec(
+    presets={
+        "language_expert_attn": _LAYER + r"self_attn\.language_expert_(?:query_key_value|dense)",
+        "vision_expert_attn": _LAYER + r"self_attn\.vision_expert_(?:query_key_value|dense)",
+        "language_expert_mlp": _LAYER + r"mlp\.language_mlp\.(?:gate|up|down)_proj",
+        "vision_expert_mlp": _LAYER + r"mlp\.vision_mlp\.(?:gate|up|down)_proj",
+        "vision_tower": r"model\.vision\.transformer\.layers\.\d+\."
+                        r"(?:attention\.(?:query_key_value|dense)|mlp\.fc[12])",
+        "glu_adapter": r"model\.vision\.linear_proj\.(?:linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
+    },
+    groups={
+        "language_expert": ["language_expert_attn", "language_expert_mlp"],
+        "vision_expert": ["vision_expert_attn", "vision_expert_mlp"],
+        "experts": ["language_expert_attn", "language_expert_mlp", "vision_expert_attn", "vision_expert_mlp"],
+    },
+    # boi_eoi (bare parameters, not modules) is handled by finetune/extra_params.py.
+    save_presets={"glu_adapter": "model.vision.linear_proj", "embed_tokens": "model.embed_tokens",
+                  "lm_head": "lm_head"},
+    components=[
+        ("language expert attn", _LAYER + r"self_attn\.language_expert_(?:query_key_value|dense)"),
+        ("language expert mlp", _LAYER + r"mlp\.language_mlp\.(?:gate|up|down)_proj"),
+        ("vision expert attn", _LAYER + r"self_attn\.vision_expert_(?:query_key_value|dense)"),
+        ("vision expert mlp", _LAYER + r"mlp\.vision_mlp\.(?:gate|up|down)_proj"),
+        ("vision tower", r"model\.vision\.(?:transformer|patch_embedding)\..*"),
+        ("vision adapter (conv, GLU, boi/eoi)", r"model\.vision\.(?:conv|linear_proj|boi|eoi).*"),
+        ("embeddings + lm_head", r"(?:model\.embed_tokens|lm_head)\..*"),
+        ("norms", r"model\.(?:layers\.\d+\.\w+_layernorm|norm)\..*"),
+    ],
+    # The last layer's vision-expert dense and MLP only feed image-position logits, which carry no loss.
+    gradient_free_in_last_layer=r"self_attn\.vision_expert_dense|mlp\.vision_mlp\.(?:gate|up|down)_proj",
+)
+# Kept in full precision under bitsandbytes quantization: the vision tower with its adapter and boi/eoi, and
+# the LM head (embeddings are never Linear, so never quantized). Read by loading, merge and the memory plan.
 FULL_PRECISION_MODULES = ("model.vision", "lm_head")
 
 # transformers renamed the KV-cache argument and output field `past_key_values` -> `cache` during 5.x and warns
@@ -181,9 +217,9 @@ class VisionExpertAttention(nn.Module):
         h = config.hidden_size
         qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta)
-        self.rope_fp32_math = config.cogvlm_version == 2  # Triton rotary upcasts (§10.4)
+        self.rope_fp32_math = config.rope_fp32_math  # Triton rotary upcasts (§10.4)
         # §3: only CogVLM2's vision-expert QKV has a bias.
-        self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.cogvlm_version == 2)
+        self.vision_expert_query_key_value = nn.Linear(h, qkv, bias=config.vision_expert_qkv_bias)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
         self.language_expert_query_key_value = nn.Linear(h, qkv, bias=False)
         self.language_expert_dense = nn.Linear(h, h, bias=False)
@@ -354,7 +390,7 @@ class EVA2CLIPModel(nn.Module):
         self.patch_embedding = PatchEmbedding(vc)
         self.transformer = Transformer(vc)
         self.linear_proj = GLU(config, in_features=d)
-        if config.cogvlm_version == 2:  # 2x2 stride-2 downsampling, CogVLM2 only (§5.4)
+        if config.vision_downsample_conv:  # 2x2 stride-2 downsampling, CogVLM2 only (§5.4)
             self.conv = nn.Conv2d(d, d, kernel_size=2, stride=2, bias=True)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -712,6 +748,9 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
     _tied_weights_keys: dict[str, str] = {}
+    # What the kit reads off the class instead of hard-coding module names elsewhere (docs/adding-a-family.md).
+    target_spec: TargetSpec = COGVLM_TARGETS
+    full_precision_modules: tuple[str, ...] = FULL_PRECISION_MODULES
 
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__(config)
@@ -746,7 +785,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         qc = kwargs.get("quantization_config")
         if qc is not None and hasattr(qc, "llm_int8_skip_modules"):
             qc = copy.deepcopy(qc)
-            qc.llm_int8_skip_modules = sorted(set(qc.llm_int8_skip_modules or []) | set(FULL_PRECISION_MODULES))
+            qc.llm_int8_skip_modules = sorted(set(qc.llm_int8_skip_modules or []) | set(cls.full_precision_modules))
             kwargs["quantization_config"] = qc
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)

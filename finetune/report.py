@@ -170,7 +170,7 @@ def write_report(path: str | Path, convs: Sequence[Any], predictions: Sequence[s
 def write_eval_report(path: str | Path, convs: Sequence[Any], samples: Sequence[dict[str, Any]],
                       metrics: dict[str, Any], step: int) -> Path:
     """The trainer's generation eval as a report. `samples` ({id, prediction, reference}) are in the order of
-    the held-out rows that end with an answer, as `finetune.train_utils.generation_eval` takes them."""
+    the held-out rows that end with an answer, as `finetune.evaluation.generation_eval` takes them."""
     graded = [c for c in convs if c.messages and c.messages[-1].role == "assistant"][:len(samples)]
     for c, s in zip(graded, samples):
         if str(c.id) != str(s["id"]):

@@ -10,7 +10,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from . import extra_params
-from .targets import linear_module_names, match_report, parameter_table, resolve_modules_to_save, resolve_targets
+from .targets import match_report, parameter_table, resolve_modules_to_save, resolve_targets
 
 if TYPE_CHECKING:
     from finetune.config import LoraSection
@@ -20,8 +20,7 @@ def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str
     """(peft.LoraConfig, target -> matched names, skipped names) for this model. Zero matches raise ValueError."""
     from peft import LoraConfig
 
-    names = [n for n, _ in model.named_modules()]
-    pattern, matches, skipped = resolve_targets(lora.targets, names, linear_module_names(model))
+    pattern, matches, skipped = resolve_targets(lora.targets, model)
     modules, _ = extra_params.split_modules_to_save(lora.modules_to_save)
     config = LoraConfig(
         r=lora.r,
@@ -31,7 +30,7 @@ def to_peft_config(lora: LoraSection, model) -> tuple[object, dict[str, list[str
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         init_lora_weights=lora.init_lora_weights,
-        modules_to_save=resolve_modules_to_save(modules) or None,
+        modules_to_save=resolve_modules_to_save(modules, model) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -50,7 +49,7 @@ def apply_lora(model, lora: LoraSection, gradient_checkpointing: bool = True, lo
     log("LoRA targets:\n" + match_report(matches, skipped))
     matched = [n for hit in matches.values() for n in hit]
     modules, params = extra_params.split_modules_to_save(lora.modules_to_save)
-    log(parameter_table(model, matched, lora.r, resolve_modules_to_save(modules) + params))
+    log(parameter_table(model, matched, lora.r, resolve_modules_to_save(modules, model) + params))
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Casts and freezing only: peft would enable checkpointing under transformers' deprecated name, so the
         # kit does that itself below, as for an unquantized model.

@@ -76,8 +76,7 @@ def ranking_accuracy(model, collator, convs: list, batch_size: int = 16) -> floa
     import torch
 
     from data_formats.schema import Message
-
-    from .train_utils import shifted_token_loss
+    from finetune.trainer import shifted_token_loss
 
     device = next(model.parameters()).device
     names = list(COLOURS)
@@ -118,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
 
     from data_formats.schema import read_jsonl
-
-    from .config import load_recipe
-    from .generation import generate_answers, score
-    from .loading import load_model
-    from .processing_cogvlm import CogVLMCollator
-    from .recipe import train
-    from .tiny import make_tiny
+    from finetune.config import load_recipe
+    from finetune.generation import generate_answers, score
+    from finetune.loading import load_model
+    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.recipe import train
+    from finetune.tiny import make_tiny
 
     t0 = time.time()
     out = Path(args.out)

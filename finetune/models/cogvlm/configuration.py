@@ -35,9 +35,17 @@ class CogVLMConfig(PretrainedConfig):
     """Configuration of CogVLM (v1) and CogVLM2 image models; field names are the official ones.
 
     Kit-level fields (absent from official files, derived when missing):
-      cogvlm_version: 1 or 2. Version 2 adds the 2x2 vision conv, the vision-expert QKV bias and GQA.
+      cogvlm_version: 1 or 2, the generation. It is read once, here, to derive the named flags below; the
+        model and processing code read the flags, never the version.
       num_multi_query_heads: key/value heads (8 for CogVLM2, = num_attention_heads for CogVLM1).
       rope_theta: 10000 (CogVLM1, hard-coded upstream) or 500000 (CogVLM2, hard-coded upstream).
+
+    Named architecture flags (docs/architecture.md §5.4, §9.3, §10.4, §14), each derived from the generation
+    unless given:
+      vision_downsample_conv: a 2x2 stride-2 conv after the vision tower quarters the patches (CogVLM2).
+      vision_expert_qkv_bias: the vision expert's fused QKV has a bias (CogVLM2).
+      rope_fp32_math: rotary embedding computed in fp32 and rounded once, as the Triton kernel does (CogVLM2).
+      prompt_table: the template table of the family's official code ("cogvlm"; CogAgent has its own).
     """
 
     model_type = "cogvlm"
@@ -58,6 +66,10 @@ class CogVLMConfig(PretrainedConfig):
         vision_config: dict[str, Any] | None = None,
         cogvlm_version: int | None = None,
         rope_theta: float | None = None,
+        vision_downsample_conv: bool | None = None,
+        vision_expert_qkv_bias: bool | None = None,
+        rope_fp32_math: bool | None = None,
+        prompt_table: str = "cogvlm",
         use_cache: bool = True,
         bos_token_id: int = 128000,
         eos_token_id: int | list[int] = 128001,
@@ -87,6 +99,11 @@ class CogVLMConfig(PretrainedConfig):
         if rope_theta is None:
             rope_theta = 500000.0 if cogvlm_version == 2 else 10000.0
         self.rope_theta = rope_theta
+        v2 = cogvlm_version == 2
+        self.vision_downsample_conv = v2 if vision_downsample_conv is None else bool(vision_downsample_conv)
+        self.vision_expert_qkv_bias = v2 if vision_expert_qkv_bias is None else bool(vision_expert_qkv_bias)
+        self.rope_fp32_math = v2 if rope_fp32_math is None else bool(rope_fp32_math)
+        self.prompt_table = prompt_table
         self.use_cache = use_cache
         if "torch_dtype" in kwargs:  # the official files' name for what transformers 5 calls `dtype`
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
@@ -113,7 +130,7 @@ class CogVLMConfig(PretrainedConfig):
     @property
     def image_tokens(self) -> int:
         """Length of one image's VISION span (patches after the optional 2x2 conv, plus boi and eoi)."""
-        from .families import image_token_count
+        from ...families import image_token_count
 
         vc = self.vision_config
-        return image_token_count(self.cogvlm_version, vc["image_size"], vc["patch_size"])
+        return image_token_count(vc["image_size"], vc["patch_size"], self.vision_downsample_conv)

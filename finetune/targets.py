@@ -1,9 +1,10 @@
 """LoRA target presets resolved to anchored regexes, and the match report printed before training.
 
-Bare leaf names are ambiguous in CogVLM (docs/architecture.md §19.8, docs/conventions.md §5): `gate_proj` matches the
-language MLP, the vision MLP *and* the vision adapter's GLU; `dense` matches the vision tower. Every
-preset here is a `re.fullmatch` pattern anchored at `model.layers.N.` or `model.vision.`, and the
-union is handed to peft as one string (peft full-matches a string `target_modules`).
+Each model class owns its presets (`target_spec`, a `TargetSpec`); this module only resolves them. Bare leaf
+names are ambiguous in CogVLM (docs/architecture.md §19.8, docs/conventions.md §5): `gate_proj` matches the
+language MLP, the vision MLP *and* the vision adapter's GLU; `dense` matches the vision tower. Every preset is a
+`re.fullmatch` pattern anchored at `model.layers.N.` or `model.vision.`, and the union is handed to peft as one
+string (peft full-matches a string `target_modules`).
 """
 
 from __future__ import annotations
@@ -12,122 +13,119 @@ import difflib
 import re
 import sys
 from collections.abc import Iterable
-
-_LAYER = r"model\.layers\.\d+\."
-
-# preset -> anchored pattern (re.fullmatch against the module's dotted name)
-PRESETS: dict[str, str] = {
-    "language_expert_attn": _LAYER + r"self_attn\.language_expert_(?:query_key_value|dense)",
-    "vision_expert_attn": _LAYER + r"self_attn\.vision_expert_(?:query_key_value|dense)",
-    "language_expert_mlp": _LAYER + r"mlp\.language_mlp\.(?:gate|up|down)_proj",
-    "vision_expert_mlp": _LAYER + r"mlp\.vision_mlp\.(?:gate|up|down)_proj",
-    "vision_tower": r"model\.vision\.transformer\.layers\.\d+\.(?:attention\.(?:query_key_value|dense)|mlp\.fc[12])",
-    "glu_adapter": r"model\.vision\.linear_proj\.(?:linear_proj|gate_proj|dense_h_to_4h|dense_4h_to_h)",
-}
-# Shorthands that expand to several presets.
-GROUPS: dict[str, list[str]] = {
-    "language_expert": ["language_expert_attn", "language_expert_mlp"],
-    "vision_expert": ["vision_expert_attn", "vision_expert_mlp"],
-    "experts": ["language_expert_attn", "language_expert_mlp", "vision_expert_attn", "vision_expert_mlp"],
-}
-# modules_to_save presets: trained fully and saved with the adapter (boi_eoi: see extra_params.py). Full
-# dotted names, because peft matches modules_to_save by suffix and `linear_proj` alone would also hit the
-# GLU's inner linear.
-SAVE_PRESETS: dict[str, str] = {
-    "glu_adapter": "model.vision.linear_proj",
-    "embed_tokens": "model.embed_tokens",
-    "lm_head": "lm_head",
-}
-
-# Components for the parameter table, first match wins.
-COMPONENTS: list[tuple[str, str]] = [
-    ("language expert attn", PRESETS["language_expert_attn"]),
-    ("language expert mlp", PRESETS["language_expert_mlp"]),
-    ("vision expert attn", PRESETS["vision_expert_attn"]),
-    ("vision expert mlp", PRESETS["vision_expert_mlp"]),
-    ("vision tower", r"model\.vision\.(?:transformer|patch_embedding)\..*"),
-    ("vision adapter (conv, GLU, boi/eoi)", r"model\.vision\.(?:conv|linear_proj|boi|eoi).*"),
-    ("embeddings + lm_head", r"(?:model\.embed_tokens|lm_head)\..*"),
-    ("norms", r"model\.(?:layers\.\d+\.\w+_layernorm|norm)\..*"),
-]
+from dataclasses import dataclass, field
+from typing import Any
 
 
-def expand(targets: Iterable[str]) -> list[str]:
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a model family's LoRA targets are, owned by its model class (`CogVLMForCausalLM.target_spec`).
+
+    presets: name -> anchored pattern (re.fullmatch against a module's dotted name).
+    groups: shorthands that expand to several presets.
+    save_presets: modules_to_save names -> full dotted module names (peft matches modules_to_save by suffix,
+        so `linear_proj` alone would also hit the GLU's inner linear).
+    components: (label, pattern) rows of the parameter table, first match wins.
+    gradient_free_in_last_layer: modules of the LAST decoder layer whose LoRA could never train (pattern after
+        `model.layers.N.`), or "" when there are none.
+    """
+
+    presets: dict[str, str]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    save_presets: dict[str, str] = field(default_factory=dict)
+    components: list[tuple[str, str]] = field(default_factory=list)
+    gradient_free_in_last_layer: str = ""
+
+
+def spec_of(model: Any) -> TargetSpec:
+    """The target spec of a model (a PeftModel's base model too)."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    spec = getattr(base, "target_spec", None)
+    if spec is None:
+        raise ValueError(f"{type(base).__name__} declares no LoRA target presets (a `target_spec` class attribute)")
+    return spec
+
+
+def expand(targets: Iterable[str], spec: TargetSpec) -> list[str]:
     """Group names -> preset names; presets and regexes pass through (order kept, duplicates dropped)."""
     out: list[str] = []
     for t in targets:
-        for name in GROUPS.get(t, [t]):
+        for name in spec.groups.get(t, [t]):
             if name not in out:
                 out.append(name)
     return out
 
 
-def target_pattern(target: str) -> str:
+def target_pattern(target: str, spec: TargetSpec) -> str:
     """A preset's pattern, or the user's own regex (checked to compile)."""
-    if target in PRESETS:
-        return PRESETS[target]
+    if target in spec.presets:
+        return spec.presets[target]
     try:
         re.compile(target)
     except re.error as err:
-        raise ValueError(f"lora.targets: {target!r} is neither a preset ({', '.join(PRESETS)}) "
+        raise ValueError(f"lora.targets: {target!r} is neither a preset ({', '.join(spec.presets)}) "
                          f"nor a valid regex: {err}") from None
     return target
 
 
-def gradient_free(names: Iterable[str]) -> list[str]:
-    """Modules whose LoRA could never train: the LAST decoder layer's vision-expert dense and MLP.
+def gradient_free(names: Iterable[str], spec: TargetSpec) -> list[str]:
+    """Modules whose LoRA could never train. For CogVLM: the LAST decoder layer's vision-expert dense and MLP.
 
     They only transform image positions of the last layer, whose outputs feed nothing but the logits
     at image positions, and those are always labelled -100 (attention reads the layer's *input*).
     """
     names = list(names)
+    if not spec.gradient_free_in_last_layer:
+        return []
     layers = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
     if not layers:
         return []
     last = max(layers)
-    dead = rf"model\.layers\.{last}\.(?:self_attn\.vision_expert_dense|mlp\.vision_mlp\.(?:gate|up|down)_proj)"
+    dead = rf"model\.layers\.{last}\.(?:{spec.gradient_free_in_last_layer})"
     return [n for n in names if re.fullmatch(dead, n)]
 
 
-def resolve_targets(targets: Iterable[str], module_names: Iterable[str],
-                    linear_names: Iterable[str] | None = None) -> tuple[str, dict[str, list[str]], list[str]]:
+def resolve_targets(targets: Iterable[str], model: Any) -> tuple[str, dict[str, list[str]], list[str]]:
     """(fullmatch regex for peft, target -> matched module names, matched-but-skipped names).
 
-    `linear_names` (defaults to all names) restricts matches to modules LoRA can wrap. Modules that
-    can never receive a gradient (`gradient_free`) are left out of the regex and returned as skipped.
-    Zero matches for any target is an error naming the nearest module names.
+    Presets come from the model class (`spec_of`); matches are restricted to modules LoRA can wrap. Modules
+    that can never receive a gradient (`gradient_free`) are left out of the regex and returned as skipped.
+    Zero matches for any target is an error naming the nearest module names. Works on a meta-device model.
     """
-    names = list(module_names)
-    candidates = list(linear_names) if linear_names is not None else names
-    dead = set(gradient_free(candidates))
+    spec = spec_of(model)
+    candidates = linear_module_names(model)
+    dead = set(gradient_free(candidates, spec))
     matches: dict[str, list[str]] = {}
     skipped: list[str] = []
     problems = []
-    for target in expand(targets):
-        pattern = target_pattern(target)
+    for target in expand(targets, spec):
+        pattern = target_pattern(target, spec)
         hit = [n for n in candidates if re.fullmatch(pattern, n)]
         skipped += [n for n in hit if n in dead and n not in skipped]
         matches[target] = [n for n in hit if n not in dead]
         if not hit:
             near = difflib.get_close_matches(target, candidates, n=5, cutoff=0.0)
-            kind = "preset" if target in PRESETS else "regex"
+            kind = "preset" if target in spec.presets else "regex"
             problems.append(f"lora.targets: {kind} {target!r} matches no module of this model (patterns must "
                             f"match the full module name, re.fullmatch); nearest module names: {', '.join(near)}. "
-                            f"Presets: {', '.join([*PRESETS, *GROUPS])}")
+                            f"Presets: {', '.join([*spec.presets, *spec.groups])}")
     if problems:
         raise ValueError("\n".join(problems))
-    union = "|".join(f"(?:{target_pattern(t)})" for t in matches)
+    union = "|".join(f"(?:{target_pattern(t, spec)})" for t in matches)
     exclude = "|".join(re.escape(n) for n in skipped)
     combined = f"(?!(?:{exclude})$)(?:{union})" if exclude else union
     return combined, matches, skipped
 
 
-def resolve_modules_to_save(names: Iterable[str]) -> list[str]:
-    return [SAVE_PRESETS.get(n, n) for n in names]
+def resolve_modules_to_save(names: Iterable[str], model: Any) -> list[str]:
+    """modules_to_save presets of the model's family -> full dotted module names (other names pass through)."""
+    save = spec_of(model).save_presets
+    return [save.get(n, n) for n in names]
 
 
-def component_of(param_name: str) -> str:
-    for label, pattern in COMPONENTS:
+def component_of(param_name: str, spec: TargetSpec) -> str:
+    for label, pattern in spec.components:
         if re.fullmatch(pattern, param_name) or re.fullmatch(pattern, param_name.rsplit(".", 1)[0]):
             return label
     return "other"
@@ -142,12 +140,13 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
 
     import torch.nn as nn
 
+    spec = spec_of(model)
     matched = set(matched)
     save = list(modules_to_save)
     rows: dict[str, list[int]] = {}  # label -> [base params, lora params, fully trained params, lora modules]
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
-        label = component_of(name)
+        label = component_of(name, spec)
         row = rows.setdefault(label, [0, 0, 0, 0])
         owner = name.rsplit(".", 1)[0]
         qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: two 4-bit weights per stored element
@@ -159,12 +158,12 @@ def parameter_table(model, matched: Iterable[str], r: int, modules_to_save: Iter
     for name in matched:
         mod = modules[name]
         if isinstance(mod, nn.Linear) or hasattr(mod, "in_features"):
-            row = rows.setdefault(component_of(name + ".weight"), [0, 0, 0, 0])
+            row = rows.setdefault(component_of(name + ".weight", spec), [0, 0, 0, 0])
             row[1] += r * (mod.in_features + mod.out_features)
             row[3] += 1
     lines = [f"{'component':<38}{'frozen':>16}{'LoRA modules':>14}{'LoRA params':>14}{'full-trained':>14}"]
     tot = [0, 0, 0, 0]
-    order = [label for label, _ in COMPONENTS] + ["other"]
+    order = [label for label, _ in spec.components] + ["other"]
     for label, (base, lora, full, n) in sorted(rows.items(), key=lambda kv: order.index(kv[0])):
         lines.append(f"{label:<38}{base:>16,}{n:>14,}{lora:>14,}{full:>14,}")
         tot = [a + b for a, b in zip(tot, (base, lora, full, n))]
@@ -193,7 +192,7 @@ def memory_plan_for(model, cfg, matched: list[str], world: int = 1, engine: str 
     from .extra_params import split_modules_to_save
 
     modules, params = split_modules_to_save(cfg.lora.modules_to_save)
-    lora, full = trainable_counts(model, matched, cfg.lora.r, resolve_modules_to_save(modules) + params)
+    lora, full = trainable_counts(model, matched, cfg.lora.r, resolve_modules_to_save(modules, model) + params)
     dtype = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
     if cfg.model.dtype == "auto":
         dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
@@ -242,8 +241,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        _, matches, skipped = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                              linear_module_names(model))
+        _, matches, skipped = resolve_targets(cfg.lora.targets, model)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -252,6 +250,6 @@ def main(argv: list[str]) -> int:
     from .extra_params import split_modules_to_save
 
     modules, params = split_modules_to_save(cfg.lora.modules_to_save)
-    print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(modules) + params))
+    print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(modules, model) + params))
     print(memory_plan_for(model, cfg, matched, world=world, engine=engine))
     return 0

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .families import CLIP_MEAN, CLIP_STD, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
-from .token_types import build_position_ids
+from ...families import CLIP_MEAN, CLIP_STD, LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from ...token_types import build_position_ids
 
 if TYPE_CHECKING:
     from data_formats.schema import Conversation

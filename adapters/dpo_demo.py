@@ -6,7 +6,7 @@ model prefers the true colour over a wrong one about half the time (chance). The
 the true colour (chosen) over another (rejected); held-out pairs measure preference accuracy, the
 share of pairs whose chosen answer the model finds more likely, before -> after DPO.
 
-    python -m finetune.dpo_demo --out out/dpo-demo [--quant nf4]
+    python -m adapters.dpo_demo --out out/dpo-demo [--quant nf4]
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int,
 def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48, sft_steps: int = 10,
               dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print) -> dict:
     """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json."""
-    from .config import load_recipe
-    from .recipe import train
-    from .tiny import make_tiny
+    from finetune.config import load_recipe
+    from finetune.recipe import train
+    from finetune.tiny import make_tiny
 
     base = make_tiny(2, out / "base", seed=seed)
     data = write_pairs(out / "data", n_sft, n_train, n_eval, seed)
@@ -82,7 +82,7 @@ def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.dpo_demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m adapters.dpo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/dpo-demo")
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
     parser.add_argument("--dpo-steps", type=int, default=60)

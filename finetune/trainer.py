@@ -1,0 +1,190 @@
+"""The Trainer the recipe configures: token-weighted loss with a non-finite guard, and the helpers it needs.
+
+One subclass of transformers' Trainer (GuardedTrainer) overrides only what the library cannot be configured to
+do: stop a diverged run without saving it, and count the loss over labelled tokens only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    On a CPU with AVX512-BF16, a Linear4bit called in eval mode without grad rewrites its weight into a
+    CPU-only packed layout, permanently; training after that runs the inference kernel, which has no
+    backward and adds the bias in place (`result += bias`: "a view of a leaf Variable that requires grad
+    is being used in an in-place operation"). Returns how many layers were switched off.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over labelled positions, number of labelled positions)."""
+    logits = logits[:, :-1].float()  # (B, L-1, V)
+    target = labels[:, 1:].to(logits.device)  # (B, L-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, (target != -100).sum()
+
+
+def guard_nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """(loss, skipped): a NaN/inf loss becomes a zero loss disconnected from the activations.
+
+    Multiplying the bad loss by zero would still send NaN into every gradient (0 * NaN = NaN); a zero
+    built from the trainable parameters gives exact zero gradients instead.
+    """
+    if torch.isfinite(loss):
+        return loss, False
+    return sum(p.sum() * 0.0 for p in params), True
+
+
+class DivergedError(ValueError):
+    """Training diverged: too many non-finite losses in a row, or non-finite trained weights."""
+
+
+class GuardedTrainer(Trainer):
+    """transformers' Trainer, changed in `compute_loss` (its documented extension point) and `log`.
+
+    The model computes the loss itself (token-weighted through `num_items_in_batch`, lm_head on
+    labelled positions only); this adds the non-finite guard: such micro-batches are skipped and counted,
+    and `max_nonfinite_steps` of them in a row stop the run (it diverged). The logged loss is the
+    token-weighted mean over the finite micro-batches of the interval (a skipped one is not a loss of 0),
+    and the run's train loss covers every finite micro-batch since step 0, across resumes.
+    """
+
+    skip_nonfinite: bool = True
+    max_nonfinite_steps: int = 10
+    skipped: int = 0
+    skipped_images = None  # multiprocessing.Value set by the recipe when --skip-invalid guards image decoding
+    tokens_seen: torch.Tensor | int = 0  # real (non-pad) tokens; attention_mask holds segment ids when packing
+    _nonfinite_run: int = 0
+    # token-weighted loss sums: (sum of per-token losses, labelled tokens) for the log interval and the whole run
+    _int_sum: torch.Tensor | float = 0.0
+    _int_tokens: torch.Tensor | int = 0
+    _int_skipped: int = 0
+    run_loss_sum: float = 0.0
+    run_loss_tokens: int = 0
+    _tok_rate: float | None = None
+    _log_t: float | None = None
+    _log_tokens: int = 0
+    eval_seconds: float = 0.0  # time spent in EvalCallback, left out of tokens/s
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.tokens_seen = self.tokens_seen + (inputs["attention_mask"] > 0).sum().detach()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training:
+            labelled = (inputs["labels"][:, 1:] != -100).sum().detach()
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                scale = num_items_in_batch / self.accelerator.num_processes if num_items_in_batch is not None \
+                    else labelled
+                self._int_sum = self._int_sum + loss.detach().float() * scale
+                self._int_tokens = self._int_tokens + labelled
+                self._nonfinite_run = 0
+            else:
+                self._int_skipped += 1
+                self._nonfinite_run += 1
+                if self._nonfinite_run > self.max_nonfinite_steps:
+                    raise DivergedError(
+                        f"training diverged at step {self.state.global_step}: {self._nonfinite_run} micro-batches in "
+                        f"a row had a non-finite loss (train.max_nonfinite_steps={self.max_nonfinite_steps}); no "
+                        f"adapter was saved. Lower train.learning_rate (now {self.args.learning_rate:g}) or raise "
+                        "train.warmup_steps, and check the data with `cogtune validate`.")
+            if self.skip_nonfinite and not finite:
+                loss, _ = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
+                self.skipped += 1
+        return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Train-loss lines get the finite-only loss, tokens/s (smoothed, eval time left out) and memory,
+        before the callbacks (console, TensorBoard) see them."""
+        if "loss" in logs and "train_loss" not in logs:
+            from .distributed import sum_across_ranks  # every rank logs here: the interval's loss over all ranks
+
+            self._int_sum, self._int_tokens = sum_across_ranks([float(self._int_sum), int(self._int_tokens)],
+                                                               self.args.device if self.args.device.type == "cuda"
+                                                               else None)
+            tokens = int(self._int_tokens)
+            if tokens:
+                logs["loss"] = round(float(self._int_sum) / tokens, 4)
+                self.run_loss_sum += float(self._int_sum)
+                self.run_loss_tokens += tokens
+            else:  # every micro-batch of the interval was skipped: nothing to report as a loss
+                del logs["loss"]
+            if self._int_skipped:
+                logs["skipped_nonfinite_in_interval"] = self._int_skipped
+            logs["skipped_nonfinite"] = self.skipped
+            self._int_sum, self._int_tokens, self._int_skipped = 0.0, 0, 0
+            self._add_throughput(logs)
+        if "train_loss" in logs:
+            logs["train_loss"] = self.run_train_loss()
+        super().log(logs, *args, **kwargs)
+
+    def run_train_loss(self) -> float:
+        """Token-weighted mean loss over every finite micro-batch of the run (resumed parts included)."""
+        total, tokens = self.run_loss_sum + float(self._int_sum), self.run_loss_tokens + int(self._int_tokens)
+        return total / tokens if tokens else float("nan")
+
+    def _add_throughput(self, logs: dict) -> None:
+        now, seen = time.time(), int(self.tokens_seen)  # one host sync per log line
+        logs["tokens_seen"] = seen
+        if self._log_t is not None:
+            busy = max(now - self._log_t - self.eval_seconds, 1e-9)
+            rate = (seen - self._log_tokens) / busy
+            # exponential moving average: one slow interval (data-loader start, a checkpoint) does not swing it
+            self._tok_rate = rate if self._tok_rate is None else 0.6 * self._tok_rate + 0.4 * rate
+            logs["tokens_per_s"] = round(self._tok_rate, 1)
+        self._log_t, self._log_tokens, self.eval_seconds = now, seen, 0.0
+        if torch.cuda.is_available():
+            logs["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        else:
+            import resource
+
+            logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        if self.skipped_images is not None:
+            logs["skipped_images"] = self.skipped_images.value
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from .distributed import load_consolidated_adapter
+
+        # an FSDP checkpoint resumed without FSDP (fewer GPUs): its consolidated adapter, not the shards
+        if self.is_fsdp_enabled or not load_consolidated_adapter(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # ---- state that checkpoints carry beside the Trainer's own ----
+    def run_state(self) -> dict:
+        return {"loss_sum": self.run_loss_sum + float(self._int_sum),
+                "loss_tokens": self.run_loss_tokens + int(self._int_tokens),
+                "skipped_nonfinite": self.skipped, "tokens_seen": int(self.tokens_seen),
+                "skipped_images": self.skipped_images.value if self.skipped_images is not None else 0}
+
+    def restore_run_state(self, state: dict) -> None:
+        self.run_loss_sum, self.run_loss_tokens = float(state.get("loss_sum", 0.0)), int(state.get("loss_tokens", 0))
+        self.skipped, self.tokens_seen = int(state.get("skipped_nonfinite", 0)), int(state.get("tokens_seen", 0))
+        if self.skipped_images is not None:
+            self.skipped_images.value = int(state.get("skipped_images", 0))
+
+
+def real_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: bitsandbytes packs two 4-bit weights per stored byte (Params4bit)."""
+    if type(p).__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+        return int(torch.Size(p.quant_state.shape).numel())  # the unpacked weight's shape
+    return p.numel()
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of trainable parameters holding NaN/inf (a diverged run must not save them)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
