@@ -336,16 +336,14 @@ def launch_command(cfg: LaunchConfig, recipe_args: list[str], overrides: dict[st
 
 def plan_for(recipe_args: list[str], world: int, engine: str) -> str:
     """The recipe's per-GPU memory plan under `engine` on `world` GPUs (meta-device model: no weights read)."""
-    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
-
     from .config import load_recipe
     from .loading import build_meta_model
+    from .targets import memory_plan_for, resolve_targets
 
     recipe, *kv = recipe_args
     cfg = load_recipe(recipe, kv)
     model = build_meta_model(cfg.model.checkpoint_dir)
-    names = [n for n, _ in model.named_modules()]
-    _, matches, _ = resolve_targets(cfg.lora.targets, names, linear_module_names(model))
+    _, matches, _ = resolve_targets(cfg.lora.targets, model)
     return str(memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit], world=world, engine=engine))
 
 
@@ -610,11 +608,10 @@ def scaling_table(config_dir: str | Path) -> str:
 
     import torch
 
-    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
-
     from .config import load_recipe
     from .models.cogvlm.configuration import CogVLMConfig
     from .models.cogvlm.modeling import CogVLMForCausalLM
+    from .targets import memory_plan_for, resolve_targets
 
     lines = ["| recipe | model | " + " | ".join(c[0] for c in PLAN_COLUMNS) + " |",
              "|---|---|" + "---:|" * len(PLAN_COLUMNS)]
@@ -626,8 +623,7 @@ def scaling_table(config_dir: str | Path) -> str:
                 models[ref] = CogVLMForCausalLM(CogVLMConfig(**json.loads(
                     (Path(config_dir) / f"{ref}.config.json").read_text())))
         model = models[ref]
-        _, matches, _ = resolve_targets(cfg.lora.targets, [n for n, _ in model.named_modules()],
-                                        linear_module_names(model))
+        _, matches, _ = resolve_targets(cfg.lora.targets, model)
         matched = [n for hit in matches.values() for n in hit]
         cells = [f"{memory_plan_for(model, cfg, matched, world=n, engine=engine).total_gib:.1f}"
                  for _, engine, n in PLAN_COLUMNS]

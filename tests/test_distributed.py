@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune.demo import RECIPE, write_task
 from safetensors.torch import load_file
 
+from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
 from finetune.distributed import CONFIG_DIR, check_launch_config, read_launch_config
 from finetune.distributed import main as launch_main
@@ -263,14 +263,13 @@ def test_shipped_configs_stay_out_of_the_recipe_list():
 def cogvlm2_plan():
     from finetune.models.cogvlm.configuration import CogVLMConfig
     from finetune.models.cogvlm.modeling import CogVLMForCausalLM
-    from finetune.targets import linear_module_names, memory_plan_for, resolve_targets
+    from finetune.targets import memory_plan_for, resolve_targets
 
     ref = ROOT / "tests" / "assets" / "reference" / "configs" / "cogvlm2-llama3-chat-19B.config.json"
     with torch.device("meta"):
         model = CogVLMForCausalLM(CogVLMConfig(**json.loads(ref.read_text())))
     cfg = load_recipe(ROOT / "recipes" / "cogvlm2-lora.yaml")
-    names = [n for n, _ in model.named_modules()]
-    _, matches, _ = resolve_targets(cfg.lora.targets, names, linear_module_names(model))
+    _, matches, _ = resolve_targets(cfg.lora.targets, model)
     matched = [n for hit in matches.values() for n in hit]
 
     def plan(world=1, engine="none"):
