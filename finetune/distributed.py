@@ -123,6 +123,10 @@ def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = No
             problems.append(f"{where}: distributed_type DEEPSPEED needs the deepspeed package, which is not installed "
                             "(it is optional for cogtune). Install it on a CUDA machine (`pip install deepspeed`), or "
                             "use recipes/accelerate/fsdp.yaml, which shards like ZeRO-3 with torch alone.")
+        try:
+            deepspeed_settings(cfg)
+        except (ValueError, TypeError, KeyError) as err:
+            problems.append(f"{where}: deepspeed_config: accelerate cannot build a DeepSpeed config from it: {err}")
         if int(ds.get("zero_stage", 0)) not in (2, 3):
             problems.append(f"{where}: deepspeed_config.zero_stage is {ds.get('zero_stage')!r}; use 2 or 3")
         if int(ds.get("zero_stage", 0)) == 3 and str(ds.get("zero3_save_16bit_model", False)).lower() != "true":
@@ -153,6 +157,18 @@ def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = No
         problems.append(f"{where}: {cfg.engine} with num_processes={cfg.num_processes} is a single-process run; pass "
                         "--num_processes N (one per GPU) or use recipes/accelerate/single-gpu.yaml")
     return problems
+
+
+def deepspeed_settings(cfg: LaunchConfig) -> dict:
+    """The DeepSpeed config accelerate would hand to DeepSpeed for this launch config (built by accelerate's own
+    DeepSpeedPlugin, which needs no deepspeed package): ZeRO stage, offload devices, gather-on-save."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    ds = cfg.raw.get("deepspeed_config") or {}
+    keys = ("zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_init_flag",
+            "zero3_save_16bit_model", "gradient_clipping")
+    plugin = DeepSpeedPlugin(**{k: ds[k] for k in keys if k in ds})
+    return plugin.deepspeed_config
 
 
 def _multinode_problems(cfg: LaunchConfig, where: str) -> list[str]:

@@ -202,7 +202,7 @@ class RunInfo:
 # Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
 _KIT_NAMES = re.compile(
     r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|"
-    r"eval_predictions_step\d+\.jsonl)(\..*)?")
+    r"eval_predictions_step\d+\.jsonl|eval_report_step\d+\.html)(\..*)?")
 
 
 def kit_owned(entry: Path) -> bool:

@@ -140,10 +140,11 @@ def test_two_process_checkpoint_resumes_on_one_process(engine, task, single, req
 
 
 def test_merge_is_the_same_whatever_the_number_of_processes(ddp, fsdp, single, tmp_path, monkeypatch):
-    import adapters.merge as merge_mod
+    from adapters import merge as merge_mod
+    from adapters import merge_verify
 
     monkeypatch.setattr(merge_mod, "verify_in_fresh_process", lambda f, p, d, q, log: {
-        **merge_mod.verify_folder(f, p, d), "reload_seconds": 0.0})
+        **merge_verify.verify_folder(f, p, d), "reload_seconds": 0.0})
     merged = {}
     for name, run in (("one", single), ("ddp", ddp), ("fsdp", fsdp)):
         rep = merge_mod.merge_adapter(run, tmp_path / name, log=lambda *_: None)
@@ -227,6 +228,19 @@ def test_deepspeed_hostfile_is_checked(tmp_path):
     assert any("hostfile:3: expected 'HOST slots=N'" in p for p in problems), problems
     hostfile.write_text("localhost slots=1\n")
     assert any("1 slots in all, num_processes is 2" in p for p in check_launch_config(cfg, deepspeed_available=True))
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero2-offload", "zero3", "zero3-offload"])
+def test_deepspeed_configs_resolve_to_the_zero_settings_they_promise(name):
+    """What accelerate would hand DeepSpeed (its DeepSpeedPlugin, built without the deepspeed package)."""
+    from finetune.distributed import deepspeed_settings
+
+    zero = deepspeed_settings(read_launch_config(name))["zero_optimization"]
+    assert zero["stage"] == int(name[4])
+    assert zero["offload_optimizer"]["device"] == ("cpu" if "offload" in name else "none")
+    assert zero["offload_param"]["device"] == ("cpu" if name == "zero3-offload" else "none")
+    if name.startswith("zero3"):
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # the adapter is gathered on save
 
 
 def test_deepspeed_absence_and_bad_settings_are_clear(tmp_path):
