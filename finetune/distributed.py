@@ -419,13 +419,14 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def sum_across_ranks(values: list[float], device=None) -> list[float]:
+def sum_across_ranks(values: list[float]) -> list[float]:
     """Element-wise sum of `values` over all ranks (the values themselves in a single process)."""
     import torch
     import torch.distributed as dist
 
     if rank_and_world()[1] == 1:
         return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
@@ -575,7 +576,7 @@ def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, 
                 if real:
                     total += float(out.loss)
                     count += int((batch["labels"][:, 1:] != -100).sum())
-        total, count = sum_across_ranks([total, count], device if device.type == "cuda" else None)
+        total, count = sum_across_ranks([total, count])
         loss = total / max(count, 1)
     convs = [c for c in convs if c.messages and c.messages[-1].role == "assistant"][:rows]
     metrics, samples = {}, []

@@ -114,9 +114,7 @@ class GuardedTrainer(Trainer):
         if "loss" in logs and "train_loss" not in logs:
             from .distributed import sum_across_ranks  # every rank logs here: the interval's loss over all ranks
 
-            self._int_sum, self._int_tokens = sum_across_ranks([float(self._int_sum), int(self._int_tokens)],
-                                                               self.args.device if self.args.device.type == "cuda"
-                                                               else None)
+            self._int_sum, self._int_tokens = sum_across_ranks([float(self._int_sum), int(self._int_tokens)])
             tokens = int(self._int_tokens)
             if tokens:
                 logs["loss"] = round(float(self._int_sum) / tokens, 4)
