@@ -24,14 +24,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .memory import _ENGINES
+from .memory import _ENGINES, _WRAP_UNITS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "recipes" / "accelerate"
 # Engines the memory plan knows: how the weights, gradients and optimizer state are spread over the GPUs.
 ENGINES = _ENGINES
 # FSDP wrap units: one decoder layer, one vision-transformer layer (the classes the configs name).
-WRAP_CLASSES = ("CogVLMDecoderLayer", "TransformerLayer")
+WRAP_CLASSES = _WRAP_UNITS
 
 
 @dataclass
@@ -226,14 +226,6 @@ def _hostfile_problems(path: Path, where: str, cfg: LaunchConfig) -> list[str]:
 
 
 # ---- inside a training process ----
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
 
 def enable_fsdp_on_cpu() -> bool:
     """Let accelerate's FSDP plugin run on CPU processes (gloo), as torch's FSDP2 does; True when it applied.
