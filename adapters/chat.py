@@ -102,8 +102,8 @@ def answer(im: InferenceModel, image: str | None, history: list[tuple[str, str]]
     streamer = _streamer(im.tokenizer, stream, stop_on_repetition)
     try:
         with quiet_libraries():
-            return generate_answers(im.model, im.tokenizer, [conv], template_version=template,
-                                    max_new_tokens=max_new_tokens, stream=streamer)[0]
+            return generate_answers(im.model, im.processor(template), [conv], max_new_tokens=max_new_tokens,
+                                    stream=streamer)[0]
     except RepetitionStop:
         (write or _note)(f"[stopped after {len(streamer.generated)} tokens: the answer repeats itself "
                          "(--no-repetition-stop lets it run to --max-new-tokens)]")

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import load_recipe
     from finetune.generation import generate_answers, score
     from finetune.loading import load_model
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
     from finetune.recipe import train
     from finetune.tiny import make_tiny
 
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. accuracy before ----
     model, tokenizer = load_model(cfg.model)
-    template = cfg.data.template_version or model.config.template_version
-    collator = CogVLMCollator(tokenizer, model.config, template_version=template, max_length=cfg.data.max_length,
-                              last_turn_only=True)
+    processor = CogVLMProcessor.from_config(model.config, tokenizer, template_version=cfg.data.template_version,
+                                            max_length=cfg.data.max_length, last_turn_only=True)
+    collator = CogVLMCollator(processor)
     eval_convs, problems = read_jsonl(eval_path)
     assert not problems, problems
     before = ranking_accuracy(model, collator, eval_convs)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     model = PeftModel.from_pretrained(model, str(run / "adapter")).eval()
     after = ranking_accuracy(model, collator, eval_convs)
     # generate_answers answers each row's last user turn (the reference answer is not part of the prompt)
-    preds = generate_answers(model, tokenizer, eval_convs, template_version=template, max_new_tokens=4)
+    preds = generate_answers(model, processor, eval_convs, max_new_tokens=4)
     exact = score(preds, [c.messages[-1].content for c in eval_convs])
     print(f"[demo] held-out accuracy AFTER training: {100 * after:.1f}% (ranking), "
           f"greedy exact match {100 * exact['exact_match']:.1f}%")
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.merge import merge_adapter
 
     merged = merge_adapter(run, out / "merged", max_shard_size="300KB").out
-    merged_model, tokenizer = load_model(type(cfg.model)(checkpoint_dir=str(merged), dtype="float32"))
+    merged_model, _ = load_model(type(cfg.model)(checkpoint_dir=str(merged), dtype="float32"))
     sample = eval_convs[0]
-    answer = generate_answers(merged_model, tokenizer, [sample], template_version=template, max_new_tokens=4)[0]
+    answer = generate_answers(merged_model, CogVLMProcessor.from_pretrained(merged), [sample], max_new_tokens=4)[0]
     print(f"[demo] merged model, held-out image {sample.images[0]}: "
           f"Q: {sample.messages[-2].content.replace('<image>', '')!r} A: {answer!r} "
           f"(truth: {eval_convs[0].messages[-1].content!r})")

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.run_folder import AdapterSource, resolve_adapter, resolve_base, template_for
+from finetune.run_folder import AdapterSource, resolve_adapter, resolve_base
 
-from .merge_load import attach_adapters, check_adapters, load_base, load_tokenizer_for, stored_dtype
+from .merge_load import attach_adapters, check_adapters, load_base, load_processor_for, stored_dtype
 from .merge_verify import (
     MERGE_TOLERANCE,
     QuantMode,
@@ -121,11 +121,11 @@ def merge_adapter(
         model = load_base(base_dir, dtype)
         config = model.config
         model = attach_adapters(model, [("default", src)], base_dir)
-        tokenizer = load_tokenizer_for(src, base_dir, config)
-        template = template_for(src, config)
+        processor = load_processor_for(src, base_dir, config)  # tokenizer, template, image span: saved beside
+        template = processor.template_version
         log(f"loaded base {base_dir} (CogVLM{config.cogvlm_version}, {dtype}, unquantized) + adapter "
             f"{src.adapter_dir} in {time.time() - t0:.1f}s; template '{template}'")
-        probe = build_probe(tokenizer, config, template, work)
+        probe = build_probe(processor, work)
         reference = probe_logits(model, probe)
         with model.disable_adapter():
             base_logits = probe_logits(model, probe)
@@ -145,7 +145,7 @@ def merge_adapter(
                 "adapter": str(src.adapter_dir.resolve()), "adapter_meta": src.meta}
         write_shards(state, hp_dir, parse_size(max_shard_size))
         del state, merged, model
-        write_side_files(hp_dir, base_dir, tokenizer, dtype, info)
+        write_side_files(hp_dir, base_dir, processor, dtype, info)
 
         # ---- Verify (fresh process) ----
         stats = verify_in_fresh_process(hp_dir, work / "probe.safetensors", dtype, None, log)

@@ -168,3 +168,16 @@ def load_tokenizer_for(source: AdapterSource | None, base_dir: Path, config: Any
         return load_tokenizer(base_dir, source.adapter_dir, config)
     tokenizer_dir = source.meta.get("tokenizer_dir") if source is not None else None
     return load_tokenizer(base_dir, tokenizer_dir, config)
+
+
+def load_processor_for(source: AdapterSource | None, base_dir: Path, config: Any,
+                       tokenizer_dir: str | Path | None = None) -> Any:
+    """The processor the adapter was trained with: its tokenizer (`load_tokenizer_for`), the settings saved
+    beside it (processor_config.json), and the run's template (run.json / cogtune.json), else the base's."""
+    from finetune.models.cogvlm.processing import CogVLMProcessor
+    from finetune.run_folder import template_for
+
+    tokenizer = load_tokenizer_for(source, base_dir, config, tokenizer_dir)
+    saved = CogVLMProcessor.read_settings(source.adapter_dir) if source is not None else {}
+    settings = {**saved, "template_version": template_for(source, config)}
+    return CogVLMProcessor.from_config(config, tokenizer, **settings)

@@ -66,26 +66,29 @@ def probe_conversations(image: Path) -> list[Any]:
     return rows
 
 
-def build_probe(tokenizer: Any, config: Any, template: str, workdir: Path) -> dict[str, Any]:
-    """Probe batch built with the run's template by processing: left padded, as at generation time."""
+def build_probe(processor: Any, workdir: Path) -> dict[str, Any]:
+    """Probe batch built by the run's processor (template, image span, transform): left padded, as at generation
+    time, holding every input generate() takes (`model_input_names`, less what the model derives itself)."""
+    from finetune.generation import generation_input_names
     from finetune.models.cogvlm.processing import CogVLMCollator
 
     convs = probe_conversations(probe_image(workdir / "probe.png"))
-    collator = CogVLMCollator(tokenizer, config, template_version=template, padding_side="left",
+    collator = CogVLMCollator(processor.with_settings(max_length=None), padding_side="left",
                               add_generation_prompt=True)
     batch = collator(convs)
-    return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "images")}
+    return {k: batch[k] for k in generation_input_names(processor.model_input_names)}
 
 
-PROBE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "images", "reference")
+def probe_keys(probe: dict[str, Any]) -> tuple[str, ...]:
+    """What a probe file stores: the probe's model inputs (None ones left out) and the reference logits."""
+    return (*(k for k, v in probe.items() if v is not None and k != "reference"), "reference")
 
 
 def save_probe(path: Path, probe: dict[str, Any], reference: Any, template: str) -> None:
     """Probe batch + reference logits as safetensors: the verifying process never unpickles anything."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.contiguous() for k, v in {**probe, "reference": reference}.items()
-               if k in PROBE_KEYS and v is not None}
+    tensors = {k: v.contiguous() for k, v in {**probe, "reference": reference}.items() if k in probe_keys(probe)}
     save_file(tensors, str(path), metadata={"template": template})
 
 
@@ -99,7 +102,7 @@ def load_probe(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"probe {path} is not a safetensors probe written by merge ({err}); "
                          "it was not loaded") from None
-    return {"images": None, **tensors}
+    return tensors  # a model input absent here (a text-only probe's images) is None for prepare_batch
 
 
 def probe_logits(model: Any, probe: dict[str, Any]) -> Any:
@@ -182,18 +185,18 @@ def tie_to_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
 
 
 def verify_folder(folder: Path, probe_file: Path, dtype: str) -> dict[str, Any]:
-    """Load `folder` as a user would (strict keys, its tokenizer, its cogtune.json template); compare; generate."""
+    """Load `folder` as a user would (strict keys, its processor: tokenizer, processor_config.json, else the
+    cogtune.json template); compare; generate."""
     from finetune.generation import generate_answers
-    from finetune.tokenization import load_tokenizer
+    from finetune.models.cogvlm.processing import CogVLMProcessor
 
     probe = load_probe(probe_file)  # first: a bad probe fails before the model loads
     model = load_base(folder, dtype)  # quantized folders carry their quantization_config
-    tokenizer = load_tokenizer(folder, None, model.config)
+    processor = CogVLMProcessor.from_pretrained(
+        folder, template_version=read_json(folder / "cogtune.json").get("template_version"))
     stats = compare_logits(probe_logits(model, probe), probe["reference"], probe["attention_mask"])
-    template = read_json(folder / "cogtune.json").get("template_version", model.config.template_version)
     convs = probe_conversations(Path(probe_file).with_name("probe.png"))
-    stats["probe_answer"] = generate_answers(model, tokenizer, convs[:1], template_version=template,
-                                             max_new_tokens=8)[0]
+    stats["probe_answer"] = generate_answers(model, processor, convs[:1], max_new_tokens=8)[0]
     return stats
 
 

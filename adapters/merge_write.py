@@ -73,9 +73,10 @@ def checkpoint_keys(checkpoint_dir: Path) -> set[str]:
     return keys
 
 
-def write_side_files(folder: Path, base_dir: Path, tokenizer: Any, dtype: str, info: dict[str, Any]) -> None:
-    """config.json (the base's fields, torch_dtype set), generation_config.json, tokenizer, other base files,
-    and cogtune.json (template and origin) - everything a loader or lmdeploy looks for beside the weights."""
+def write_side_files(folder: Path, base_dir: Path, processor: Any, dtype: str, info: dict[str, Any]) -> None:
+    """config.json (the base's fields, torch_dtype set), generation_config.json, the processor (tokenizer and
+    processor_config.json), other base files, and cogtune.json (template and origin) - everything a loader or
+    lmdeploy looks for beside the weights."""
     cfg = read_json(base_dir / "config.json")
     cfg["torch_dtype"] = dtype
     if "dtype" in cfg:
@@ -83,7 +84,7 @@ def write_side_files(folder: Path, base_dir: Path, tokenizer: Any, dtype: str, i
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", folder / "generation_config.json")
-    tokenizer.save_pretrained(str(folder))
+    processor.save_pretrained(folder)
     for f in sorted(base_dir.iterdir()):
         if (f.is_file() and f.name not in SKIP_BASE_FILES and not f.name.endswith(WEIGHT_SUFFIXES)
                 and not (folder / f.name).exists()):

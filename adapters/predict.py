@@ -57,6 +57,12 @@ class InferenceModel:
         config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer_for(self.adapters[0][1] if self.adapters else None, self.model_dir, config,
                                             tokenizer_dir)
+        from finetune.models.cogvlm.processing import CogVLMProcessor
+
+        # the encoding each was trained with (processor_config.json beside a merged model or an adapter)
+        self.processor_settings = {None: CogVLMProcessor.read_settings(self.model_dir)}
+        for name, src in self.adapters:
+            self.processor_settings[name] = CogVLMProcessor.read_settings(src.adapter_dir)
         dtype = DTYPES.get(dtype, dtype) if dtype else stored_dtype(self.model_dir)
         model = load_base(self.model_dir, dtype)
         self.config = model.config
@@ -76,6 +82,14 @@ class InferenceModel:
             raise ValueError(f"no adapter named {name!r}; loaded: {', '.join(names) or 'none'}")
         use_adapter(self.model, name)
         self.active = name
+
+    def processor(self, template: str) -> Any:
+        """The processor that prompts the active adapter (or the model) with `template`: the settings saved
+        beside it, the loaded tokenizer, the checkpoint's image span and transform."""
+        from finetune.models.cogvlm.processing import CogVLMProcessor
+
+        saved = self.processor_settings[self.active]
+        return CogVLMProcessor.from_config(self.config, self.tokenizer, **{**saved, "template_version": template})
 
     def template(self, requested: str | None = None, warn=None) -> str:
         """The active adapter's stored template; a different `requested` one is used with a warning."""
@@ -129,8 +143,8 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     tmpl = im.template(template)
     log(f"predict: {len(convs)} rows, adapter {im.active or 'none'}, template '{tmpl}', batch size {batch_size}")
     with tqdm(total=len(convs), desc="predict", unit="row") as bar:
-        answers = generate_answers(im.model, im.tokenizer, convs, template_version=tmpl,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar.update)
+        answers = generate_answers(im.model, im.processor(tmpl), convs, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=bar.update)
     rows = []
     for conv, answer in zip(convs, answers):
         row = {"id": conv.id, "prediction": answer}

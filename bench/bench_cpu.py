@@ -114,10 +114,11 @@ def build_model(config, gradient_checkpointing: bool, dropout: float = 0.05):
 def make_rows(config, n: int, seed: int = SEED, text_range: tuple[int, int] = (20, 400)) -> list[Any]:
     """n encoded one-image rows whose text part (question + answer) is uniform in `text_range` tokens."""
     from data_formats.schema import Conversation, Message
-    from finetune.models.cogvlm.processing import encode_conversation
+    from finetune.models.cogvlm.processing import CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(2)
+    processor = CogVLMProcessor.from_config(config, tok, template_version="chat", max_length=None)
     cost = {w: len(tok.encode(" " + w, add_special_tokens=False)) for w in WORDS}
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -137,18 +138,18 @@ def make_rows(config, n: int, seed: int = SEED, text_range: tuple[int, int] = (2
         image = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)  # already "transformed" pixels
         conv = Conversation(id=str(i), images=[image],
                             messages=[Message("user", text(q)), Message("assistant", text(total - q))])
-        rows.append(encode_conversation(conv, tok, family_version=2, image_tokens=config.image_tokens,
-                                        template_version="chat", max_length=None))
+        rows.append(processor.encode(conv))
     return rows
 
 
 def collator(config, max_length: int, packing: bool = False, fixed: bool = False):
     """The kit's collator; `fixed` pads every row to max_length, as the official CogVLM2 demo does."""
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
-    return CogVLMCollator(build_tiny_tokenizer(2), config, template_version="chat", max_length=max_length,
-                          packing=packing, pad_to_multiple_of=max_length if fixed else None)
+    processor = CogVLMProcessor.from_config(config, build_tiny_tokenizer(2), template_version="chat",
+                                            max_length=max_length)
+    return CogVLMCollator(processor, packing=packing, pad_to_multiple_of=max_length if fixed else None)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -72,10 +72,11 @@ def build_model(config):
 def make_rows(config, n: int) -> list[Any]:
     """n encoded one-image rows with 16-192 text tokens (question + answer) each."""
     from data_formats.schema import Conversation, Message
-    from finetune.models.cogvlm.processing import encode_conversation
+    from finetune.models.cogvlm.processing import CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(2)
+    processor = CogVLMProcessor.from_config(config, tok, template_version="chat")
     rng = random.Random(SEED)
     gen = torch.Generator().manual_seed(SEED)
 
@@ -89,8 +90,7 @@ def make_rows(config, n: int) -> list[Any]:
         image = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)  # already "transformed" pixels
         conv = Conversation(id=str(i), images=[image],
                             messages=[Message("user", text(q)), Message("assistant", text(total - q))])
-        rows.append(encode_conversation(conv, tok, family_version=2, image_tokens=config.image_tokens,
-                                        template_version="chat"))
+        rows.append(processor.encode(conv))
     return rows
 
 
@@ -155,15 +155,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from finetune.dataset import PackedDataset
     from finetune.models.cogvlm.modeling import segment_runs
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
     config = small_config()
     model = build_model(config)
     rows = make_rows(config, args.rows)
-    tok = build_tiny_tokenizer(2)
-    plain = CogVLMCollator(tok, config, max_length=MAX_LENGTH)
-    packer = CogVLMCollator(tok, config, max_length=MAX_LENGTH, packing=True)
+    processor = CogVLMProcessor.from_config(config, build_tiny_tokenizer(2), max_length=MAX_LENGTH)
+    plain = CogVLMCollator(processor)
+    packer = CogVLMCollator(processor, packing=True)
     packs = PackedDataset(rows, [len(r) for r in rows], MAX_LENGTH)
     packed = [packer([packs[i]]) for i in range(len(packs))]
     batches = {

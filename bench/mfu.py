@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parity_official import BOS_ID, EOS_ID, PAD_ID, VOCAB, _batch, _with_labels  # noqa: E402
 
 TEXT = (160, 120, 84, 40)  # text tokens per row -> 1 + 66 + 160 = 227 positions, 672 real
-OFFICIAL_TARGETS = ["language_expert_query_key_value", "language_expert_dense", "vision_expert_query_key_value",
-                    "vision_expert_dense", "gate_proj", "up_proj", "down_proj"]
+# The same linears as the kit's `experts` preset, anchored (a bare `gate_proj` would also hit the GLU adapter).
+OFFICIAL_TARGETS = (r"model\.layers\.\d+\.(?:self_attn\.(?:language|vision)_expert_(?:query_key_value|dense)"
+                    r"|mlp\.(?:language|vision)_mlp\.(?:gate|up|down)_proj)")
 
 
 def kit_config():
@@ -54,11 +55,12 @@ def kit_model(cfg):
 
     torch.manual_seed(0)
     model = CogVLMForCausalLM(cfg)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}  # before peft renames the wrapped keys
     lora = LoraSection(targets=["experts"], r=8, lora_alpha=16, lora_dropout=0.05)
-    return model, apply_lora(model, lora, gradient_checkpointing=False, log=lambda *_: None).train()
+    return base_state, apply_lora(model, lora, gradient_checkpointing=False, log=lambda *_: None).train()
 
 
-def official_model(official_dir: Path, kit_base, cfg):
+def official_model(official_dir: Path, base_state: dict[str, torch.Tensor], cfg):
     """The official CogVLM2 code with the kit model's weights and peft LoRA r=8 on the same linears."""
     from parity_official import load_official
     from peft import LoraConfig, get_peft_model
@@ -70,7 +72,7 @@ def official_model(official_dir: Path, kit_base, cfg):
         num_multi_query_heads=cfg.num_multi_query_heads, rms_norm_eps=cfg.rms_norm_eps,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, vision_config=dict(cfg.vision_config))
     ref = official.CogVLMForCausalLM(off_cfg)
-    ref.load_state_dict(kit_base.state_dict(), strict=True)
+    ref.load_state_dict(base_state, strict=True)
     return get_peft_model(ref, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                           target_modules=OFFICIAL_TARGETS)).train()
 

@@ -100,9 +100,9 @@ def _hms(seconds: float) -> str:
 class EvalCallback(TrainerCallback):
     """Token-weighted eval loss and generation eval every `eval.eval_steps` and at the end of training."""
 
-    def __init__(self, cfg, eval_examples, eval_convs, collator, tokenizer, template, out_dir, log=print) -> None:
+    def __init__(self, cfg, eval_examples, eval_convs, collator, out_dir, log=print) -> None:
         self.cfg, self.examples, self.convs, self.collator = cfg, eval_examples, eval_convs, collator
-        self.tokenizer, self.template, self.out_dir, self.log = tokenizer, template, Path(out_dir), log
+        self.out_dir, self.log = Path(out_dir), log
         self.trainer = None  # set by the recipe after the Trainer exists (to log through it)
         self._last_step = -1
 
@@ -114,8 +114,8 @@ class EvalCallback(TrainerCallback):
         t0 = time.time()
         from .distributed import evaluate_on_every_rank
 
-        loss, gen, samples = evaluate_on_every_rank(model, self.examples, self.collator, self.convs, self.tokenizer,
-                                                    self.template, self.cfg.eval.max_new_tokens,
+        loss, gen, samples = evaluate_on_every_rank(model, self.examples, self.collator, self.convs,
+                                                    self.collator.processor, self.cfg.eval.max_new_tokens,
                                                     self.cfg.eval.generation_rows)
         if not state.is_world_process_zero:
             return

@@ -54,6 +54,8 @@ class DataSection:
     allow_outside_images: bool = _f(False, "accept image paths outside the data root (JSONL folder or image_root)")
     streaming: bool = _f(False, "read the training file lazily (huge files); needs train.max_steps > 0")
     num_workers: int = _f(2, "DataLoader workers that decode and resize images")
+    feature_cache: str | None = _f(None, "folder caching each image's frozen vision-tower features across epochs, "
+                                         "evaluation and runs (finetune/feature_cache.py); None = recompute")
 
 
 @dataclass

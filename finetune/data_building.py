@@ -32,6 +32,16 @@ class SkipBadImages(torch.utils.data.Dataset):
         raise ValueError("64 rows in a row have images that cannot be decoded; run `cogtune validate` on the data")
 
 
+def processor_for_recipe(cfg, config, tokenizer):
+    """The processor a recipe trains with: the checkpoint's image span and prompt table, the recipe's template
+    (default: the checkpoint's), max_length, label mode and multi-image setting."""
+    from .models.cogvlm.processing import CogVLMProcessor
+
+    return CogVLMProcessor.from_config(config, tokenizer, template_version=cfg.data.template_version,
+                                       max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
+                                       allow_multi_image=cfg.data.allow_multi_image)
+
+
 def read_conversations(path: str, image_root: str | None, cfg, log=print) -> list:
     """Rows of a cogtune JSONL through the same validation as `cogtune validate`.
 
@@ -48,8 +58,11 @@ def read_conversations(path: str, image_root: str | None, cfg, log=print) -> lis
     return convs
 
 
-def build_datasets(cfg, tokenizer, config, template: str, log=print):
+def build_datasets(cfg, processor, log=print):
     """(train dataset, eval examples or None, eval conversations, collator).
+
+    `processor` (a `CogVLMProcessor` with the recipe's template, max_length, label mode and multi-image
+    setting: `processor_for_recipe`) encodes every row and transforms every image.
 
     Training rows go through `datasets` (finetune/dataset.py): tokenization cached on disk, images decoded
     lazily in DataLoader workers, optional streaming. Before that the whole file is validated like
@@ -58,26 +71,21 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     from .dataset import PackedDataset, build_torch_dataset, encode_jsonl
     from .models.cogvlm.processing import CogVLMCollator
 
-    collator = CogVLMCollator(tokenizer, config, template_version=template, max_length=cfg.data.max_length,
-                              last_turn_only=cfg.data.last_turn_only, packing=cfg.data.packing,
-                              allow_multi_image=cfg.data.allow_multi_image)
+    collator = CogVLMCollator(processor, packing=cfg.data.packing)
     if cfg.data.streaming:
         log("data.streaming: rows are validated as they are read; invalid or too-long rows are skipped without "
             "an up-front count (run `cogtune validate` on the file first)")
     else:
         read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
-    settings = dict(family_version=config.cogvlm_version, image_tokens=config.image_tokens, template_version=template,
-                    max_length=cfg.data.max_length, last_turn_only=cfg.data.last_turn_only,
-                    allow_multi_image=cfg.data.allow_multi_image, image_root=cfg.data.image_root,
-                    allow_outside_images=cfg.data.allow_outside_images)
-    encoded, stats = encode_jsonl(cfg.data.train_path, tokenizer, streaming=cfg.data.streaming, **settings)
+    settings = dict(image_root=cfg.data.image_root, allow_outside_images=cfg.data.allow_outside_images)
+    encoded, stats = encode_jsonl(cfg.data.train_path, processor, streaming=cfg.data.streaming, **settings)
     if stats is not None:
         log(f"train: {stats}")
         for line in stats.examples:
             log(f"  skipped: {line}")
         if stats.kept == 0:
             raise ValueError("no training rows left after encoding; raise data.max_length or check the data")
-    train = build_torch_dataset(encoded, int(config.vision_config["image_size"]))
+    train = build_torch_dataset(encoded, processor)
     if cfg.data.packing and not cfg.data.streaming:  # plan packs over the whole dataset (see PackedDataset)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         train = PackedDataset(train, lengths, cfg.data.max_length)
@@ -86,7 +94,7 @@ def build_datasets(cfg, tokenizer, config, template: str, log=print):
     eval_convs, eval_examples = [], None
     if cfg.data.eval_path:
         eval_convs = read_conversations(cfg.data.eval_path, cfg.data.image_root, cfg, log)
-        encoded_eval, eval_stats = encode_jsonl(cfg.data.eval_path, tokenizer, **settings)
+        encoded_eval, eval_stats = encode_jsonl(cfg.data.eval_path, processor, **settings)
         log(f"eval: {eval_stats}")
         eval_examples = list(encoded_eval)  # small: rows as dicts for the token-weighted eval loss
     return train, eval_examples, eval_convs, collator

@@ -1,10 +1,10 @@
 """cogtune JSONL -> encoded examples through Hugging Face `datasets`, and torch wrappers that decode images lazily.
 
 Why `datasets`: tokenization is cached on disk (Arrow) keyed by a fingerprint of everything that changes
-the tokens (source file, tokenizer, template, max_length, label mode, image span), so a restart or a second
-run skips it; `streaming=True` reads files too large to encode up front. Images stay references until a
-DataLoader worker asks for the item (docs/architecture.md §19.10): nothing is decoded in the main process and nothing
-is moved to a device here.
+the tokens (source file and the processor's `fingerprint()`: tokenizer, template, max_length, label mode, image
+span), so a restart or a second run skips it; `streaming=True` reads files too large to encode up front.
+Images stay references until a DataLoader worker asks for the item (docs/architecture.md §19.10): nothing is
+decoded in the main process and nothing is moved to a device here.
 """
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ import torch
 
 from data_formats.schema import ImageError
 
-from .models.cogvlm.processing import EncodedExample, RowTooLong, encode_conversation, load_and_transform_image
+from .models.cogvlm.processing import EncodedExample, RowTooLong
 
 # Bump when encoding rules change, so cached Arrow files from older code are not reused.
 ENCODING_VERSION = 2
 
-_COLUMNS = ("input_ids", "token_type_ids", "labels", "images", "dropped_turns", "id", "skip")
+
+def _columns(processor: Any) -> tuple[str, ...]:
+    """Columns of the encoded dataset: the model inputs made per example (the model class declares them,
+    `processor.example_input_names`), the labels, and bookkeeping."""
+    names = list(processor.example_input_names)
+    return (*names, *(c for c in ("labels", "dropped_turns", "id", "skip") if c not in names))
 
 
 @dataclass
@@ -46,12 +51,12 @@ class EncodeStats:
                 f"max_length; {self.too_long} rows too long even so; {self.invalid} invalid rows skipped")
 
 
-def _fingerprint(source: str, tokenizer: Any, settings: dict[str, Any]) -> str:
-    tok_json = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)
+def _fingerprint(source: str, processor: Any, settings: dict[str, Any]) -> str:
+    """Cache key of an encoded file: its content signature, the processor's fingerprint (tokenizer and
+    encoding settings) and how the rows were read (`settings`: image root, rejected lines, ...)."""
     blob = json.dumps({
         "source": source,
-        "tokenizer": hashlib.sha256(tok_json.encode()).hexdigest(),
-        "specials": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "processor": processor.fingerprint(),
         "encoding_version": ENCODING_VERSION,
         **settings,
     }, sort_keys=True, default=str)
@@ -90,7 +95,7 @@ def _file_signature(path: Path) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}-{digest.hexdigest()}"
 
 
-def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, tokenizer: Any, settings: dict[str, Any],
+def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, processor: Any,
                   allow_outside_images: bool = False, rejected: dict[int, str] | None = None) -> dict[str, list]:
     """Rows -> encoded columns; rows that are invalid or too long get a `skip` reason (filtered and counted).
 
@@ -99,7 +104,8 @@ def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, tokenizer
     """
     from data_formats.schema import loads_row, parse_row
 
-    out: dict[str, list] = {k: [] for k in _COLUMNS}
+    columns = _columns(processor)
+    out: dict[str, list] = {k: [] for k in columns}
     for line, text, error in zip(batch["line"], batch["text"], batch["error"], strict=True):
         source = f"{path}:{line}"
         obj, why = (None, error) if error else loads_row(text)
@@ -118,41 +124,35 @@ def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, tokenizer
             skip = "invalid: " + ("; ".join(errors) or "row rejected")
         else:
             try:
-                ex = encode_conversation(conv, tokenizer, **settings)
+                ex = processor.encode(conv)
             except RowTooLong as err:
                 skip = f"too long: {err}"
             except ValueError as err:
                 skip = f"invalid: {err}"
         ex = ex or EncodedExample([], [], [], [], 0, "" if conv is None else conv.id)
-        for k, v in ex.to_dict().items():
-            out[k].append(v)
-        out["skip"].append(skip)
+        row = {**ex.to_dict(), "skip": skip}
+        for k in columns:
+            out[k].append(row.get(k))
     return out
 
 
 def encode_jsonl(
     path: str | Path,
-    tokenizer: Any,
+    processor: Any,
     *,
-    family_version: int,
-    image_tokens: int,
-    template_version: str,
-    max_length: int | None = None,
-    last_turn_only: bool = False,
-    allow_multi_image: bool = False,
-    family: str | None = None,
     image_root: str | Path | None = None,
     allow_outside_images: bool = False,
     streaming: bool = False,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[Any, EncodeStats | None]:
-    """Read a cogtune JSONL with the kit's line reader into `datasets` and encode every row (same rules as
-    `encode_conversation`).
+    """Read a cogtune JSONL with the kit's line reader into `datasets` and encode every row with
+    `processor.encode` (a `CogVLMProcessor`: template, image span, max_length, labels, multi-image).
 
-    Returns (dataset of encoded rows with columns input_ids/token_type_ids/labels/images/dropped_turns/id,
-    stats). With `streaming=True` the result is a lazy `IterableDataset`, rows are encoded as they are read,
-    invalid/too-long rows are skipped on the fly and stats is None (they cannot be known up front).
+    Returns (dataset of encoded rows with columns input_ids/token_type_ids/images (the model's per-example
+    inputs)/labels/dropped_turns/id, stats). With `streaming=True` the result is a lazy `IterableDataset`,
+    rows are encoded as they are read, invalid/too-long rows are skipped on the fly and stats is None (they
+    cannot be known up front).
     Images are absolute refs (resolved against `image_root`, default the JSONL's folder, and refused
     outside it unless `allow_outside_images`), not yet decoded. Rows that `finetune.validate.load_and_validate`
     rejected for this unchanged file (undecodable images included) are skipped and counted as invalid.
@@ -163,12 +163,9 @@ def encode_jsonl(
 
     path = Path(path)
     base_dir = str(Path(image_root) if image_root is not None else path.parent)
-    settings = dict(family_version=family_version, image_tokens=image_tokens, template_version=template_version,
-                    max_length=max_length, last_turn_only=last_turn_only, allow_multi_image=allow_multi_image,
-                    family=family)
     rejected = rejected_lines(path, image_root, allow_outside_images) or {}
     features = Features({k: Value(v) for k, v in _LINE_FEATURES.items()})
-    fn_kwargs = dict(path=str(path), base_dir=base_dir, tokenizer=tokenizer, settings=settings,
+    fn_kwargs = dict(path=str(path), base_dir=base_dir, processor=processor,
                      allow_outside_images=allow_outside_images, rejected=rejected)
     if streaming:
         raw = IterableDataset.from_generator(read_lines, features=features, gen_kwargs={"path": str(path)})
@@ -178,7 +175,7 @@ def encode_jsonl(
     signature = _file_signature(path)
     raw = Dataset.from_generator(read_lines, features=features, gen_kwargs={"path": str(path), "signature": signature},
                                  cache_dir=None if cache_dir is None else str(cache_dir))
-    fp = _fingerprint(signature, tokenizer, {**settings, "base_dir": base_dir, "path": str(path.resolve()),
+    fp = _fingerprint(signature, processor, {"base_dir": base_dir, "path": str(path.resolve()),
                                              "allow_outside_images": allow_outside_images,
                                              "rejected": sorted(rejected.items())})
     encoded = raw.map(_encode_batch, batched=True, fn_kwargs=fn_kwargs, num_proc=num_proc,
@@ -205,11 +202,10 @@ class ImageDecodeError(ImageError):
     constructible from one message string, as DataLoader workers re-raise exceptions that way."""
 
 
-def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """The row with its images decoded and transformed; any decode failure is an `ImageDecodeError`."""
-    row = dict(row)
+def _with_images(row: dict[str, Any], processor: Any) -> dict[str, Any]:
+    """The row with its images decoded and transformed by the processor; a decode failure is an `ImageDecodeError`."""
     try:
-        row["images"] = [load_and_transform_image(ref, image_size) for ref in row["images"]]  # each (3, S, S)
+        return processor.load_images(row)  # images: each (3, S, S)
     except (ImageError, OSError) as exc:
         raise ImageDecodeError(f"row {row.get('id', '?')}: {exc}; run `cogtune validate` on the data, fix or "
                                "remove the image, then resume") from None
@@ -219,15 +215,15 @@ def _with_images(row: dict[str, Any], image_size: int) -> dict[str, Any]:
 class CogVLMDataset(torch.utils.data.Dataset):
     """Map-style view of encoded rows; `__getitem__` decodes and transforms the row's images (in the worker)."""
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, processor: Any) -> None:
         self.encoded = encoded
-        self.image_size = image_size
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return _with_images(self.encoded[i], self.image_size)
+        return _with_images(self.encoded[i], self.processor)
 
 
 class CogVLMIterableDataset(torch.utils.data.IterableDataset):
@@ -237,9 +233,9 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
     message on stderr (counted in `skipped_images` of the worker's copy), like rows that fail validation.
     """
 
-    def __init__(self, encoded: Any, image_size: int) -> None:
+    def __init__(self, encoded: Any, processor: Any) -> None:
         self.encoded = encoded
-        self.image_size = image_size
+        self.processor = processor
         self.skipped_images = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -248,7 +244,7 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
         for i, row in enumerate(self.encoded):
             if i % workers == worker:
                 try:
-                    item = _with_images(row, self.image_size)
+                    item = _with_images(row, self.processor)
                 except ImageDecodeError as exc:  # streaming skips rows it cannot use, as it does invalid ones
                     self.skipped_images += 1
                     print(f"streaming: skipped {exc}", file=sys.stderr)
@@ -256,13 +252,13 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
                 yield item
 
 
-def build_torch_dataset(encoded: Any, image_size: int) -> CogVLMDataset | CogVLMIterableDataset:
+def build_torch_dataset(encoded: Any, processor: Any) -> CogVLMDataset | CogVLMIterableDataset:
     """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator."""
     from datasets import IterableDataset
 
     if isinstance(encoded, IterableDataset):
-        return CogVLMIterableDataset(encoded, image_size)
-    return CogVLMDataset(encoded, image_size)
+        return CogVLMIterableDataset(encoded, processor)
+    return CogVLMDataset(encoded, processor)
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -533,8 +533,8 @@ def load_consolidated_adapter(model, folder: str | Path) -> bool:
 
 
 
-def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, tokenizer, template: str,
-                           max_new_tokens: int, rows: int, batch_size: int = 4, gen_batch_size: int = 8):
+def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, processor, max_new_tokens: int,
+                           rows: int, batch_size: int = 4, gen_batch_size: int = 8):
     """(eval loss, generation metrics, samples) with the work split over the ranks and the results gathered.
 
     Every rank runs the same number of forward passes (under FSDP/ZeRO-3 a forward is a collective): batches
@@ -576,9 +576,8 @@ def evaluate_on_every_rank(model, examples: list | None, collator, convs: list, 
         mine = list(range(rank, len(convs), world))
         per_rank = -(-len(convs) // world)
         padded = mine + [0] * (per_rank - len(mine))  # equal work per rank; the padding rows are dropped
-        preds = generate_answers(model, tokenizer, [convs[i] for i in padded], template_version=template,
-                                 max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
-                                 synced=is_sharded(model) and world > 1)
+        preds = generate_answers(model, processor, [convs[i] for i in padded], max_new_tokens=max_new_tokens,
+                                 batch_size=gen_batch_size, synced=is_sharded(model) and world > 1)
         gathered = all_gather_objects(list(zip(mine, preds[:len(mine)])))
         if rank == 0:
             by_index = dict(pair for part in gathered for pair in part)

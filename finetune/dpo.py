@@ -10,14 +10,15 @@ transformers `Trainer`). This module only adapts the inputs; two pieces of TRL a
   vision data, through a `ProcessorMixin` whose images become `pixel_values`. A Cog sequence is
   neither: it is BOS, a span of `image_tokens` placeholders typed VISION in `token_type_ids`, then the
   prompt in the official template, then the answer + EOS, and positions follow the token types. So each
-  pair is encoded here with the kit's own `encode_conversation` (the same one SFT and inference use;
+  pair is encoded here with the kit's own processor (`CogVLMProcessor.encode`, the same one SFT and inference use;
   `last_turn_only=True`, so only the final answer is scored), and `CogDPOTrainer._prepare_dataset`
   returns the already-encoded dataset unchanged.
 * **Collation.** `PreferenceCollator` yields exactly the columns TRL's `DataCollatorForPreference`
   yields (`input_ids`, `attention_mask`, `completion_mask`, chosen rows first then rejected, plus
   `ref_chosen_logps` / `ref_rejected_logps` when precomputed) and the Cog extras `token_type_ids` and
   `images`, which TRL passes through to the model untouched. `completion_mask` is the kit's label mask
-  (answer tokens + EOS). No `position_ids`: the model derives them from the token types.
+  (answer tokens + EOS). The extras are the model's declared inputs (`model_input_names`) less those it derives
+  itself (no `position_ids`: the model derives them from the token types).
 
 Everything else is TRL's own code path: its fused LM head (`add_fused_lm_head`) calls the kit's
 backbone (`model.model`, the `base_model_prefix`) with these inputs and projects only the completion
@@ -34,7 +35,7 @@ import torch
 
 from data_formats.schema import Conversation, Message
 
-from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, encode_conversation
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair
@@ -67,28 +68,27 @@ def pair_conversations(pair: PreferencePair) -> tuple[Conversation, Conversation
     return chosen, rejected
 
 
-def encode_pair(pair: PreferencePair, tokenizer: Any, config: Any, *, template_version: str | None = None,
-                max_length: int | None = None, allow_multi_image: bool = False) -> dict[str, Any]:
+def encode_pair(pair: PreferencePair, processor: CogVLMProcessor) -> dict[str, Any]:
     """One pair -> a dataset row: chosen_/rejected_ input_ids, token_type_ids, labels, and the image refs.
 
-    Both sides are encoded by `encode_conversation` with `last_turn_only=True`: the labels (and so TRL's
-    completion mask) cover the final answer and its EOS only. A side that does not fit raises `RowTooLong`.
+    Both sides are encoded by the processor with `last_turn_only=True` (whatever it was built with): the
+    labels (and so TRL's completion mask) cover the final answer and its EOS only. A side that does not fit
+    raises `RowTooLong`.
     """
     row: dict[str, Any] = {"id": pair.id}
+    if not processor.last_turn_only:
+        processor = processor.with_settings(last_turn_only=True)
     for side, conv in zip(("chosen", "rejected"), pair_conversations(pair)):
-        e = encode_conversation(conv, tokenizer, family_version=config.cogvlm_version,
-                                image_tokens=config.image_tokens,
-                                template_version=template_version or config.template_version,
-                                max_length=max_length, last_turn_only=True, allow_multi_image=allow_multi_image)
+        e = processor.encode(conv)
         row[f"{side}_input_ids"], row[f"{side}_token_type_ids"], row[f"{side}_labels"] = \
             e.input_ids, e.token_type_ids, e.labels
         row["image_refs"] = [str(r) for r in e.images]
     return row
 
 
-def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, config: Any, **kw: Any) -> list[dict[str, Any]]:
+def encode_pairs(pairs: Sequence[PreferencePair], processor: CogVLMProcessor) -> list[dict[str, Any]]:
     """`encode_pair` for every pair (kept in order)."""
-    return [encode_pair(p, tokenizer, config, **kw) for p in pairs]
+    return [encode_pair(p, processor) for p in pairs]
 
 
 @dataclass
@@ -98,11 +98,13 @@ class PreferenceCollator:
     Padding, token types and image loading are the kit's `CogVLMCollator`'s (right padding).
     """
 
-    tokenizer: Any
-    config: Any
+    processor: CogVLMProcessor
 
     def __post_init__(self) -> None:
-        self._cog = CogVLMCollator(self.tokenizer, self.config)
+        from .generation import generation_input_names
+
+        self._cog = CogVLMCollator(self.processor)
+        self._extras = generation_input_names(self.processor.model_input_names)
 
     def _side(self, rows: Sequence[dict[str, Any]], side: str) -> list[dict[str, Any]]:
         return [{"input_ids": r[f"{side}_input_ids"], "token_type_ids": r[f"{side}_token_type_ids"],
@@ -114,10 +116,10 @@ class PreferenceCollator:
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
             "completion_mask": (batch["labels"] != IGNORE_INDEX).long(),
-            "token_type_ids": batch["token_type_ids"],
         }
-        if batch["images"] is not None:
-            out["images"] = batch["images"]
+        for name in self._extras:  # token_type_ids, images, ...: TRL passes them to the model untouched
+            if name not in out and batch[name] is not None:
+                out[name] = batch[name]
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 out[key] = torch.tensor([float(r[key]) for r in rows])
@@ -212,14 +214,13 @@ def read_pairs_or_fail(path: str, cfg: Any, log=print) -> list:
     return pairs
 
 
-def _encode_or_skip(pairs: list, tokenizer: Any, config: Any, template: str, cfg: Any, log=print) -> list[dict]:
+def _encode_or_skip(pairs: list, processor: CogVLMProcessor, cfg: Any, log=print) -> list[dict]:
     from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
     for p in pairs:
         try:
-            rows.append(encode_pair(p, tokenizer, config, template_version=template, max_length=cfg.data.max_length,
-                                    allow_multi_image=cfg.data.allow_multi_image))
+            rows.append(encode_pair(p, processor))
         except RowTooLong as err:
             too_long.append(str(err))
     if too_long:
@@ -245,6 +246,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
 
     from finetune.lora import apply_lora
 
+    from .data_building import processor_for_recipe
     from .fileio import write_atomic
     from .loading import load_config_and_tokenizer, load_weights
     from .plots import plot_curves
@@ -252,11 +254,11 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
 
     on_gpu = torch.cuda.is_available()
     config, tokenizer = load_config_and_tokenizer(cfg.model)
-    template = cfg.data.template_version or config.template_version
-    train_rows = _encode_or_skip(read_pairs_or_fail(cfg.data.train_path, cfg, log), tokenizer, config, template,
-                                 cfg, log)
-    eval_rows = (_encode_or_skip(read_pairs_or_fail(cfg.data.eval_path, cfg, log), tokenizer, config, template,
-                                 cfg, log) if cfg.data.eval_path else None)
+    processor = processor_for_recipe(cfg, config, tokenizer).with_settings(last_turn_only=True)
+    template = processor.template_version
+    train_rows = _encode_or_skip(read_pairs_or_fail(cfg.data.train_path, cfg, log), processor, cfg, log)
+    eval_rows = (_encode_or_skip(read_pairs_or_fail(cfg.data.eval_path, cfg, log), processor, cfg, log)
+                 if cfg.data.eval_path else None)
     log(f"dpo: {len(train_rows)} training pairs" + (f", {len(eval_rows)} held-out pairs" if eval_rows else ""))
 
     model = load_weights(cfg.model, cfg.quant)
@@ -272,7 +274,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     else:
         model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing,
                            log=lambda *_: None)
-    collator = PreferenceCollator(tokenizer, config)
+    collator = PreferenceCollator(processor)
     before = preference_accuracy(model, collator, eval_rows) if eval_rows else None
     if before is not None:
         log(f"held-out preference accuracy before: {before:.3f}")
@@ -320,7 +322,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     if is_main:
         # Only the trained adapter: TRL's frozen "ref" copy is not part of the result.
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(out / "adapter"))
+        processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         run_info.finish(cfg, config, template, global_step=trainer.state.global_step,
                         train_loss=losses[-1] if losses else None, wall_seconds=round(wall, 2),

@@ -23,7 +23,7 @@ def token_weighted_eval_loss(model, examples: list, collator, batch_size: int = 
     return total / max(count, 1)
 
 
-def generation_eval(model, tokenizer, convs: list, template: str, max_new_tokens: int, rows: int,
+def generation_eval(model, processor, convs: list, max_new_tokens: int, rows: int,
                     batch_size: int = 8) -> tuple[dict, list[dict]]:
     """Greedy answers for the first `rows` held-out rows, scored against their last assistant turn."""
     from .generation import generate_answers, score
@@ -35,8 +35,7 @@ def generation_eval(model, tokenizer, convs: list, template: str, max_new_tokens
     was_training = model.training
     model.eval()
     # generate_answers answers the last user turn; the trailing reference answer is left out of the prompt
-    preds = generate_answers(model, tokenizer, convs, template_version=template, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size)
+    preds = generate_answers(model, processor, convs, max_new_tokens=max_new_tokens, batch_size=batch_size)
     model.train(was_training)
     metrics = score(preds, refs)
     samples = [{"id": c.id, "prediction": p, "reference": r} for c, p, r in zip(convs, preds, refs)]

@@ -17,7 +17,11 @@ import torch
 
 from data_formats.boxes import iou, parse_boxes
 
-from .models.cogvlm.processing import CogVLMCollator
+from .models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
+
+# Model inputs the model rebuilds itself while generating: positions come from token types and the mask at
+# every step (docs/architecture.md §17), so the collator's are not passed to generate().
+DERIVED_AT_GENERATION = ("position_ids",)
 
 
 def _param_dtype(model: Any, suffix: str) -> torch.dtype:
@@ -47,22 +51,37 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
+def generation_input_names(names: Any) -> tuple[str, ...]:
+    """The model inputs generate() takes: the model's `model_input_names` (a model, its class, or the names)
+    minus those it derives itself (DERIVED_AT_GENERATION)."""
+    names = getattr(names, "model_input_names", names)
+    return tuple(n for n in names if n not in DERIVED_AT_GENERATION)
+
+
 def prepare_batch(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """Collator output -> generate() inputs on the model's device; images in the vision tower's dtype."""
+    """Collator output -> generate() inputs on the model's device, for every input the model declares
+    (`model_input_names`, less DERIVED_AT_GENERATION); absent or None inputs are left out; floating inputs
+    (images) in the vision tower's dtype."""
     device = _device(model)
-    out = {k: batch[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}
-    if batch.get("images") is not None:
-        out["images"] = batch["images"].to(device=device, dtype=_param_dtype(model, "patch_embedding.proj.weight"))
+    out = {}
+    for name in generation_input_names(model):
+        value = batch.get(name)
+        if value is None:
+            continue
+        if torch.is_tensor(value) and value.is_floating_point():
+            value = value.to(device=device, dtype=_param_dtype(model, "patch_embedding.proj.weight"))
+        elif torch.is_tensor(value):
+            value = value.to(device)
+        out[name] = value
     return out
 
 
 @torch.no_grad()
 def generate_answers(
     model: Any,
-    tokenizer: Any,
+    processor: CogVLMProcessor,
     conversations: Sequence[Any],
     *,
-    template_version: str,
     max_new_tokens: int = 32,
     batch_size: int = 8,
     stream: Any = None,
@@ -70,6 +89,9 @@ def generate_answers(
     synced: bool = False,
 ) -> list[str]:
     """Greedy answers to the last user turn of each conversation (a trailing reference answer is ignored).
+
+    `processor` gives the template, image span and image transform; prompts are never truncated here
+    (its max_length is a training setting).
 
     Rows are sorted by length so a batch holds similar lengths (less padding); answers come back in input
     order. `stream`: a transformers streamer (e.g. `TextStreamer`); streamers take one row, so generation then
@@ -81,8 +103,8 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if stream is not None:
         batch_size = 1
-    config = model.config
-    collator = CogVLMCollator(tokenizer, config, template_version=template_version, padding_side="left",
+    tokenizer = processor.tokenizer
+    collator = CogVLMCollator(processor.with_settings(max_length=None), padding_side="left",
                               add_generation_prompt=True)
     encoded = [collator.encode(c) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

@@ -70,10 +70,18 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     c = model.config
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
-    quant_params = other_params = 0
+    quant_params = other_params = released = 0
     quantized = quantized_weight_names(model) if quant != "none" else set()
+    # data.feature_cache (not streaming): every image is cached before training and the frozen tower's weights
+    # (the GLU's too when it is frozen) are released (finetune/feature_cache.py).
+    cached = bool(getattr(cfg.data, "feature_cache", None)) and not cfg.data.streaming
+    glu_trains = "glu_adapter" in cfg.lora.targets or "glu_adapter" in cfg.lora.modules_to_save
+    cached_prefixes = ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.conv.") + (
+        () if glu_trains else ("model.vision.linear_proj.",))
     for name, p in model.named_parameters():
-        if name in quantized:
+        if cached and name.startswith(cached_prefixes):
+            released += p.numel()
+        elif name in quantized:
             quant_params += p.numel()
         else:
             other_params += p.numel()
@@ -92,6 +100,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
                      f"{quant_params / 1e9:.2f}B x 1 B{w_note}"))
     rows.append((f"weights: rest ({dtype_name})", other_params * act * w_share / GIB,
                  f"{other_params / 1e9:.2f}B x {act} B{w_note}"))
+    if cached:
+        rows.append(("weights: vision tower (feature cache)", 0.0, f"{released / 1e9:.2f}B released: every image "
+                     "is cached before training"))
     if offload and shard_weights:
         host.append(f"weights {(quant_params * qb + other_params * act) / n / GIB:.2f}")
     if shard_weights:
@@ -158,7 +169,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     vc = c.vision_config
     n_img = (vc["image_size"] // vc["patch_size"]) ** 2 + 1
     vision_layer = b * n_img * (6 * vc["hidden_size"] + 2 * vc["intermediate_size"]) * act
-    if any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
+    if cached:
+        rows.append(("activations: vision tower", 0.0, "feature cache: the tower does not run"))
+    elif any(t in ("vision_tower", "glu_adapter") for t in cfg.lora.targets):
         kept = (1 if gc else vc["num_hidden_layers"]) * vision_layer
         rows.append(("activations: vision tower", kept / GIB,
                      "one layer (checkpointing)" if gc else "all layers kept (LoRA in the tower)"))

@@ -209,19 +209,19 @@ def _cheap_match(f: str, view: RowView) -> bool | None:
 
 def _encode(view: RowView, info: Any, opts: Options) -> None:
     """Token count, turns dropped at max_length (or why the row is dropped), and the encoded row to show."""
-    from .models.cogvlm.processing import RowTooLong, encode_conversation
+    from .models.cogvlm.processing import RowTooLong
 
-    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens, template_version=info.template_version,
-                  last_turn_only=opts.last_turn_only, allow_multi_image=opts.max_images is None or opts.max_images > 1)
+    processor = info.processor.with_settings(last_turn_only=opts.last_turn_only, max_length=None,
+                                             allow_multi_image=opts.max_images is None or opts.max_images > 1)
     try:
-        full = encode_conversation(view.conv, info.tokenizer, **kwargs)
+        full = processor.encode(view.conv)
     except ValueError as exc:
         view.problems.append(Problem(view.source, "row", f"cannot be encoded: {exc}", "", "error", "encode error"))
         return
     view.tokens, view.encoded = len(full), full
     if opts.max_length is not None and len(full) > opts.max_length:
         try:
-            view.encoded = encode_conversation(view.conv, info.tokenizer, max_length=opts.max_length, **kwargs)
+            view.encoded = processor.with_settings(max_length=opts.max_length).encode(view.conv)
             view.dropped_turns = view.encoded.dropped_turns
         except RowTooLong as exc:
             view.too_long = f"the last turn alone needs {exc.length} tokens"

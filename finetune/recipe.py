@@ -81,7 +81,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     from finetune.targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
     from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
-    from .data_building import SkipBadImages, build_datasets
+    from .data_building import SkipBadImages, build_datasets, processor_for_recipe
     from .fileio import write_atomic
     from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
@@ -109,8 +109,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Tokenizer and data (cheap checks first: nothing is wrong with the data once weights load) ----
     config, tokenizer = load_config_and_tokenizer(cfg.model)
-    template = cfg.data.template_version or config.template_version
-    train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, tokenizer, config, template, log=log)
+    processor = processor_for_recipe(cfg, config, tokenizer)
+    template = processor.template_version
+    train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, processor, log=log)
     skipped_images = None
     if cfg.data.skip_invalid and not cfg.data.streaming:
         import multiprocessing
@@ -130,6 +131,17 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
 
     # ---- Adapters (match report and parameter table go to plan.txt) ----
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
+    if cfg.data.feature_cache:  # frozen vision features computed once (finetune/feature_cache.py)
+        from .feature_cache import attach, dataset_image_refs, precompute, release_tower, vision_module
+
+        cache = attach(model, cfg.data.feature_cache, cfg.model.checkpoint_dir, log=log)
+        if not cfg.data.streaming:
+            refs = dataset_image_refs(train_ds)
+            refs += [ref for row in (eval_ds or []) for ref in row.get("images") or []]
+            computed = precompute(cache, vision_module(model), refs, processor.transform_image)
+            freed = release_tower(vision_module(model), cache.stage)
+            log(f"{cache.stats()}; {computed} computed now; {freed / 1e6:.1f}M vision weights released (every "
+                "image of the run is cached)")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(real_numel(p) for p in model.parameters())
     if is_main:
@@ -180,7 +192,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         dataloader_num_workers=cfg.data.num_workers,
         disable_tqdm=not tty,
     )
-    evaluator = EvalCallback(cfg, eval_ds, eval_convs, collator, tokenizer, template, out, log=log)
+    evaluator = EvalCallback(cfg, eval_ds, eval_convs, collator, out, log=log)
     progress = [] if tty or not is_main else [ProgressLineCallback(log=log)]
     trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                              callbacks=[evaluator, *progress, *(callbacks or [])])
@@ -237,7 +249,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     # ---- Save ----
     save_adapter(model, out / "adapter", extra, is_main)  # every rank: sharded weights are gathered first
     if is_main:
-        tokenizer.save_pretrained(str(out / "adapter"))
+        processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
         run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
                         train_loss_tokens=trainer.run_loss_tokens + int(trainer._int_tokens),
                         skipped_nonfinite=trainer.skipped,

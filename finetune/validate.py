@@ -219,6 +219,7 @@ class ModelInfo:
     template_version: str
     tokenizer: Any = None
     tokenizer_note: str = ""
+    processor: Any = None  # a CogVLMProcessor when there is a tokenizer: what token counts encode with
 
 
 def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -> ModelInfo:
@@ -239,6 +240,10 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             info.tokenizer = load_tokenizer(folder, tokenizer_dir, config=cfg)
         except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            from finetune.models.cogvlm.processing import CogVLMProcessor
+
+            info.processor = CogVLMProcessor.from_config(cfg, info.tokenizer, template_version=template)
         return info
     from finetune.families import FAMILIES, get_family
 
@@ -253,6 +258,11 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
             info.tokenizer = load_tokenizer(tokenizer_dir, tokenizer_dir)
         except (OSError, ValueError) as exc:
             info.tokenizer_note = str(exc)
+        if info.tokenizer is not None:
+            from finetune.models.cogvlm.processing import CogVLMProcessor
+
+            info.processor = CogVLMProcessor(info.tokenizer, image_tokens=spec.image_tokens,
+                                             image_size=spec.image_size, template_version=info.template_version)
     else:
         info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
                               f"a checkpoint folder as --model. {spec.tokenizer_note}")
@@ -266,23 +276,23 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 def token_report(convs: list[Conversation], info: ModelInfo, max_length: int | None,
                  max_images: int | None) -> tuple[list[str], list[Problem]]:
     """Summary lines about token lengths, and problems for rows the encoder rejects."""
-    from finetune.models.cogvlm.processing import RowTooLong, encode_conversation
+    from finetune.models.cogvlm.processing import RowTooLong
 
     lengths: list[int] = []
     truncated = dropped = 0
     problems: list[Problem] = []
-    kwargs = dict(family_version=info.version, image_tokens=info.image_tokens,
-                  template_version=info.template_version, allow_multi_image=max_images is None or max_images > 1)
+    full = info.processor.with_settings(allow_multi_image=max_images is None or max_images > 1, max_length=None)
+    cut = full.with_settings(max_length=max_length)
     for conv in convs:
         try:
-            n = len(encode_conversation(conv, info.tokenizer, **kwargs).input_ids)
+            n = len(full.encode(conv).input_ids)
         except ValueError as exc:
             problems.append(Problem(conv.source, "row", f"cannot be encoded: {exc}", "", "error", "encode error"))
             continue
         lengths.append(n)
         if max_length is not None and n > max_length:
             try:
-                encode_conversation(conv, info.tokenizer, max_length=max_length, **kwargs)
+                cut.encode(conv)
                 truncated += 1
             except RowTooLong:
                 dropped += 1

@@ -76,7 +76,7 @@ def test_help_and_image_commands(tiny_im, monkeypatch):
 
     seen: list[list[str]] = []
 
-    def fake_answers(model, tokenizer, convs, **kwargs):
+    def fake_answers(model, processor, convs, **kwargs):
         seen.append(list(convs[0].images))
         return ["ok"]
 

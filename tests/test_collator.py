@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_formats.schema import Conversation, Message
 from finetune.families import CLIP_MEAN, CLIP_STD
-from finetune.models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, pack_examples
+from finetune.models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor, pack_examples
 from finetune.tiny import tiny_config
 from finetune.tokenization import build_tiny_tokenizer
 
@@ -72,7 +72,7 @@ GOLDEN_POSITIONS = [[0, 1, 2, 2, 2, 2, 3] + list(range(4, 27)), list(range(11)) 
 @pytest.mark.parametrize("version", [1, 2])
 def test_golden_two_turn_batch(version, red_png):
     tok, cfg = build_tiny_tokenizer(version), tiny_config(version)
-    out = CogVLMCollator(tok, cfg)([two_turn(red_png), TEXT_ONLY])
+    out = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok))([two_turn(red_png), TEXT_ONLY])
     gold = GOLDEN[version]
     # The literal ids above are these tokens (EOS/BOS/pad spelled per version):
     special = {"EOS": tok.eos_token}
@@ -97,7 +97,7 @@ def test_no_images_gives_none_and_pad_id_comes_from_tokenizer():
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
     tok.pad_token = "<|eot_id|>"  # a different pad: the collator must follow the tokenizer, not a constant
     short = Conversation("a", [], [Message("user", "Hi"), Message("assistant", "red")])
-    out = CogVLMCollator(tok, cfg)([short, TEXT_ONLY])
+    out = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok))([short, TEXT_ONLY])
     assert out["images"] is None
     n = int(out["attention_mask"][0].sum())
     assert out["input_ids"][0, n:].eq(511).all() and out["labels"][0, n:].eq(X).all()
@@ -107,8 +107,8 @@ def test_no_images_gives_none_and_pad_id_comes_from_tokenizer():
 def test_left_padding_for_generation(red_png):
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
     rows = [two_turn(red_png), TEXT_ONLY]
-    right = CogVLMCollator(tok, cfg)(rows)
-    left = CogVLMCollator(tok, cfg, padding_side="left")(rows)
+    right = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok))(rows)
+    left = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok), padding_side="left")(rows)
     n = int(right["attention_mask"][1].sum())
     assert left["attention_mask"][1].tolist() == [0] * (30 - n) + [1] * n
     assert left["input_ids"][1, 30 - n:].tolist() == right["input_ids"][1, :n].tolist()
@@ -118,14 +118,16 @@ def test_left_padding_for_generation(red_png):
     from finetune.models.cogvlm.modeling import default_position_ids
 
     assert torch.equal(left["position_ids"], default_position_ids(left["token_type_ids"], left["attention_mask"]))
-    gen = CogVLMCollator(tok, cfg, padding_side="left", add_generation_prompt=True)(rows)
+    gen = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok), padding_side="left",
+                         add_generation_prompt=True)(rows)
     assert gen["labels"].eq(X).all()
     ends = tok.convert_ids_to_tokens(gen["input_ids"][:, -2:].flatten().tolist())
     assert ends == ["ĠAnswer", ":", "ĠAnswer", ":"]  # every row ends with its open prompt
 
 
 def test_pad_to_multiple_of():
-    out = CogVLMCollator(build_tiny_tokenizer(1), tiny_config(1), pad_to_multiple_of=8)([TEXT_ONLY])
+    processor = CogVLMProcessor.from_config(tiny_config(1), build_tiny_tokenizer(1))
+    out = CogVLMCollator(processor, pad_to_multiple_of=8)([TEXT_ONLY])
     assert out["input_ids"].shape == (1, 16) and out["attention_mask"].sum() == 11
 
 
@@ -141,9 +143,9 @@ def test_packing_layout(red_png):
     Image.new("RGB", (8, 8), (0, 0, 255)).save(blue)
     rows = [two_turn(red_png), TEXT_ONLY, Conversation("r3", [blue], [Message("user", "<image>Colour?"),
                                                                       Message("assistant", "blue")])]
-    plain = CogVLMCollator(tok, cfg)(rows)
+    plain = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok))(rows)
     lengths = plain["attention_mask"].sum(1).tolist()  # [30, 11, 20]
-    packed = CogVLMCollator(tok, cfg, max_length=45, packing=True)(rows)
+    packed = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok, max_length=45), packing=True)(rows)
     # first fit: row 0 = examples 0 + 1 (41 tokens), row 1 = example 2 (20 tokens)
     assert packed["input_ids"].shape == (2, 41)
     seg = packed["attention_mask"]
@@ -161,9 +163,9 @@ def test_packing_layout(red_png):
 def test_packing_needs_max_length_and_right_padding():
     tok, cfg = build_tiny_tokenizer(1), tiny_config(1)
     with pytest.raises(ValueError, match="max_length"):
-        CogVLMCollator(tok, cfg, packing=True)
+        CogVLMCollator(CogVLMProcessor.from_config(cfg, tok), packing=True)
     with pytest.raises(ValueError, match="right"):
-        CogVLMCollator(tok, cfg, packing=True, max_length=64, padding_side="left")
+        CogVLMCollator(CogVLMProcessor.from_config(cfg, tok, max_length=64), packing=True, padding_side="left")
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -173,8 +175,8 @@ def test_packed_loss_equals_unpacked(version, red_png, tiny_models):
     cfg = model.config
     rows = [two_turn(red_png), TEXT_ONLY, Conversation("r3", [red_png], [Message("user", "<image>Colour?"),
                                                                           Message("assistant", "red")])]
-    plain = CogVLMCollator(tok, cfg)(rows)
-    packed = CogVLMCollator(tok, cfg, max_length=64, packing=True)(rows)
+    plain = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok))(rows)
+    packed = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok, max_length=64), packing=True)(rows)
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
     n_items = int((plain["labels"] != X).sum())
     with torch.no_grad():
@@ -195,9 +197,9 @@ def test_dataset_level_packs_become_one_row_each():
             for n in (6, 5, 2, 3)]
     packed = PackedDataset(rows, [len(r["input_ids"]) for r in rows], max_length=8)
     assert len(packed) == 2 and [len(p) for p in packed] == [2, 2]
-    batch = CogVLMCollator(tok, cfg, max_length=8, packing=True)([packed[0], packed[1]])
+    batch = CogVLMCollator(CogVLMProcessor.from_config(cfg, tok, max_length=8), packing=True)([packed[0], packed[1]])
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].tolist() == [[1] * 6 + [2] * 2, [1] * 5 + [2] * 3]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]  # restart per segment
     with pytest.raises(ValueError, match="packing=False"):
-        CogVLMCollator(tok, cfg, max_length=8)([packed[0]])
+        CogVLMCollator(CogVLMProcessor.from_config(cfg, tok, max_length=8))([packed[0]])

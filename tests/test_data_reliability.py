@@ -39,10 +39,11 @@ def _red(folder, name="red.png", size=(16, 16)):
     return folder / name
 
 
-def _settings(version=2):
-    cfg = tiny_config(version)
-    return dict(family_version=cfg.cogvlm_version, image_tokens=cfg.image_tokens, template_version="chat",
-                max_length=256)
+def _processor(version=2, image_size=28):
+    from finetune.models.cogvlm.processing import CogVLMProcessor
+
+    return CogVLMProcessor.from_config(tiny_config(version), build_tiny_tokenizer(version), template_version="chat",
+                                       max_length=256, image_size=image_size)
 
 
 def _validate(capsys, *argv):
@@ -165,10 +166,10 @@ def test_training_validation_decodes_every_image(broken_images):
 def test_skip_invalid_skips_bad_images_and_encoding_agrees(broken_images, tmp_path):
     convs, report = load_and_validate(broken_images, skip_invalid=True)
     assert len(convs) == 3 and report.invalid_rows == 3 and "3 invalid rows skipped" in str(report)
-    ds, stats = encode_jsonl(broken_images, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    ds, stats = encode_jsonl(broken_images, _processor(), cache_dir=tmp_path / "cache")
     # the rows that train are exactly the rows validation accepted
     assert (stats.rows, stats.kept, stats.invalid) == (6, 3, 3) and ds["id"] == ["ok0", "ok1", "ok2"]
-    tds = build_torch_dataset(ds, 28)
+    tds = build_torch_dataset(ds, _processor())
     assert all(tds[i]["images"][0].shape == (3, 28, 28) for i in range(len(tds)))  # nothing left to fail
 
 
@@ -178,7 +179,7 @@ def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.data_building import build_datasets
+    from finetune.data_building import build_datasets, processor_for_recipe
 
     text = broken_images.read_text()
     broken_images.write_bytes(b"\xef\xbb\xbf" + (text + '{"id": "cut", "messages": [{"ro\n').encode())
@@ -186,7 +187,8 @@ def test_trainer_data_path_skips_and_counts_what_it_says(broken_images, tmp_path
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(broken_images), skip_invalid=True, max_length=256,
                                     num_workers=0))
     logs: list[str] = []
-    train, *_ = build_datasets(cfg, build_tiny_tokenizer(2), tiny_config(2), "chat", log=lambda x: logs.append(str(x)))
+    train, *_ = build_datasets(cfg, processor_for_recipe(cfg, tiny_config(2), build_tiny_tokenizer(2)),
+                               log=lambda x: logs.append(str(x)))
     log = "\n".join(logs)
     assert log.count("4 invalid rows skipped") == 2 and "3/7 rows encoded" in log  # validation and encoder agree
     assert len(train) == 3 and [train[i]["id"] for i in range(3)] == ["ok0", "ok1", "ok2"]
@@ -214,9 +216,9 @@ def test_parallel_decode_check_finds_truncated_jpegs_once_per_image(tmp_path, mo
 def test_lazy_decode_failure_is_an_image_decode_error(tmp_path):
     good = _red(tmp_path)
     path = _jsonl(tmp_path / "train.jsonl", [{"id": "r1", "images": ["red.png"], "messages": QA}])
-    ds, _ = encode_jsonl(path, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    ds, _ = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     good.write_bytes(good.read_bytes()[:40])  # the image breaks after validation, during training
-    tds = CogVLMDataset(ds, 28)
+    tds = CogVLMDataset(ds, _processor())
     with pytest.raises(ImageDecodeError, match="row r1"):
         tds[0]
     assert issubclass(ImageDecodeError, ImageError)
@@ -238,8 +240,8 @@ def test_streaming_skips_rows_whose_image_does_not_decode(tmp_path, capsys):
     rows = [{"id": "a", "images": ["red.png"], "messages": QA}, {"id": "b", "images": ["bad.png"], "messages": QA},
             {"id": "c", "images": ["red.png"], "messages": QA}]
     path = _jsonl(tmp_path / "train.jsonl", rows)
-    stream, _ = encode_jsonl(path, build_tiny_tokenizer(2), streaming=True, **_settings())
-    tds = build_torch_dataset(stream, 28)
+    stream, _ = encode_jsonl(path, _processor(), streaming=True)
+    tds = build_torch_dataset(stream, _processor())
     assert [item["id"] for item in tds] == ["a", "c"] and tds.skipped_images == 1
     assert "skipped row b" in capsys.readouterr().err
 
@@ -319,13 +321,13 @@ def test_skip_invalid_malformed_lines_never_reach_pyarrow(tmp_path):
     path = _messy(tmp_path)
     convs, report = load_and_validate(path, skip_invalid=True)
     assert [c.id for c in convs] == ["a", "b"] and report.invalid_rows == 3
-    ds, stats = encode_jsonl(path, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    ds, stats = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     assert (stats.rows, stats.kept, stats.invalid) == (5, 2, 3) and ds["id"] == ["a", "b"]
     assert any("train.jsonl:2: invalid: not valid JSON" in e for e in stats.examples)
 
 
 def test_streaming_skips_malformed_lines(tmp_path):
-    stream, _ = encode_jsonl(_messy(tmp_path), build_tiny_tokenizer(2), streaming=True, **_settings())
+    stream, _ = encode_jsonl(_messy(tmp_path), _processor(), streaming=True)
     assert [row["id"] for row in stream] == ["a", "b"]
 
 
@@ -335,7 +337,7 @@ def test_bom_file_counts_agree(tmp_path):
                                                for i in range(4)).encode())
     convs, report = load_and_validate(path, skip_invalid=True)
     assert len(convs) == 4 and report.invalid_rows == 0
-    _, stats = encode_jsonl(path, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    _, stats = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     assert (stats.rows, stats.kept, stats.invalid) == (4, 4, 0)
 
 
@@ -350,7 +352,7 @@ def test_unicode_line_separators_inside_strings_are_not_line_breaks(tmp_path, ca
     assert rc == 0 and "1 rows in" in stdout and "1 valid, 0 with errors" in stdout
     convs, problems = read_jsonl(out)
     assert problems == [] and convs[0].messages[0].content == text
-    _, stats = encode_jsonl(out, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    _, stats = encode_jsonl(out, _processor(), cache_dir=tmp_path / "cache")
     assert (stats.rows, stats.kept) == (1, 1)
 
 
@@ -414,8 +416,7 @@ def test_outside_paths_allowed_on_request(tmp_path, capsys):
 
 def test_training_encoder_refuses_outside_paths(outside, tmp_path):
     root, path, n = outside
-    tok = build_tiny_tokenizer(2)
-    ds, stats = encode_jsonl(path, tok, cache_dir=tmp_path / "cache", **_settings())
+    ds, stats = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     assert stats.invalid == n and ds["id"] == ["in"]
     assert all("outside the data root" in e for e in stats.examples)
 
@@ -454,7 +455,7 @@ def test_nonfinite_boxes_are_row_errors_and_skippable(tmp_path, capsys):
     assert rc == 1 and out.count("values must be finite numbers") == 3
     convs, report = load_and_validate(path, skip_invalid=True)
     assert [c.id for c in convs] == ["fine"] and report.invalid_rows == 3
-    ds, stats = encode_jsonl(path, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    ds, stats = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     assert ds["id"] == ["fine"] and stats.invalid == 3
 
 
@@ -464,7 +465,7 @@ def test_deeply_nested_json_is_a_row_error_everywhere(tmp_path, capsys):
     assert rc == 1 and out.count("nested too deeply") == 2 and "1 valid" in out
     convs, report = load_and_validate(path, skip_invalid=True)
     assert [c.id for c in convs] == ["fine"]
-    ds, stats = encode_jsonl(path, build_tiny_tokenizer(2), cache_dir=tmp_path / "cache", **_settings())
+    ds, stats = encode_jsonl(path, _processor(), cache_dir=tmp_path / "cache")
     assert ds["id"] == ["fine"] and stats.invalid == 2
     jsonl = _jsonl(tmp_path / "sg.jsonl", [SHAREGPT_ROW, DEEP, DEEP_OBJ])
     rc, stdout, err = _convert(capsys, "--from", "sharegpt", jsonl, "--out", tmp_path / "o.jsonl")
@@ -559,7 +560,7 @@ def test_a_non_utf8_line_is_one_bad_row_that_skip_invalid_skips(tmp_path):
     from dataclasses import replace
 
     from finetune.config import RunConfig
-    from finetune.data_building import build_datasets
+    from finetune.data_building import build_datasets, processor_for_recipe
 
     path = tmp_path / "mixed.jsonl"
     good = json.dumps({"id": "ok0", "messages": TEXT}).encode()
@@ -574,7 +575,8 @@ def test_a_non_utf8_line_is_one_bad_row_that_skip_invalid_skips(tmp_path):
         load_and_validate(path)
     cfg = RunConfig()
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(path), skip_invalid=True, max_length=256, num_workers=0))
-    train, *_ = build_datasets(cfg, build_tiny_tokenizer(2), tiny_config(2), "chat", log=lambda _: None)
+    train, *_ = build_datasets(cfg, processor_for_recipe(cfg, tiny_config(2), build_tiny_tokenizer(2)),
+                               log=lambda _: None)
     assert sorted(train[i]["id"] for i in range(len(train))) == ["ok0", "ok1"]
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_formats.schema import read_jsonl
 from finetune.dataset import CogVLMDataset, CogVLMIterableDataset, build_torch_dataset, encode_jsonl
-from finetune.models.cogvlm.processing import CogVLMCollator, encode_conversation
+from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
 from finetune.tiny import tiny_config
 from finetune.tokenization import build_tiny_tokenizer
 
@@ -33,19 +33,18 @@ def jsonl(tmp_path):
     return path
 
 
-def settings(cfg):
-    return dict(family_version=cfg.cogvlm_version, image_tokens=cfg.image_tokens, template_version="chat",
-                max_length=64)
+def processor(cfg, tok, **settings):
+    return CogVLMProcessor.from_config(cfg, tok, **{"template_version": "chat", "max_length": 64, **settings})
 
 
 def test_encode_jsonl_matches_encode_conversation_and_counts_drops(jsonl, tmp_path):
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
-    ds, stats = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **settings(cfg))
+    ds, stats = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")
     assert (stats.rows, stats.kept, stats.too_long, stats.invalid) == (4, 2, 1, 1)
     assert "train.jsonl:3: too long" in stats.examples[0] and "train.jsonl:4: invalid" in stats.examples[1]
     convs, _ = read_jsonl(jsonl)
     for row, conv in zip(ds, convs[:2], strict=True):
-        ex = encode_conversation(conv, tok, **settings(cfg))
+        ex = processor(cfg, tok).encode(conv)
         assert row["input_ids"] == ex.input_ids and row["labels"] == ex.labels
         assert row["token_type_ids"] == ex.token_type_ids and row["images"] == ex.images
     assert ds[0]["images"] == [str(tmp_path / "g.png")]
@@ -53,10 +52,10 @@ def test_encode_jsonl_matches_encode_conversation_and_counts_drops(jsonl, tmp_pa
 
 def test_cache_fingerprint_follows_settings(jsonl, tmp_path):
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
-    a, _ = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **settings(cfg))
-    b, _ = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **settings(cfg))
-    c, _ = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **{**settings(cfg), "max_length": 200})
-    v1, _ = encode_jsonl(jsonl, build_tiny_tokenizer(1), cache_dir=tmp_path / "cache", **settings(tiny_config(1)))
+    a, _ = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")
+    b, _ = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")
+    c, _ = encode_jsonl(jsonl, processor(cfg, tok, max_length=200), cache_dir=tmp_path / "cache")
+    v1, _ = encode_jsonl(jsonl, processor(tiny_config(1), build_tiny_tokenizer(1)), cache_dir=tmp_path / "cache")
     assert a._fingerprint == b._fingerprint  # second run reuses the cached Arrow file
     assert len({a._fingerprint, c._fingerprint, v1._fingerprint}) == 3
     assert len(c) == 3  # the long row fits at 200
@@ -64,23 +63,23 @@ def test_cache_fingerprint_follows_settings(jsonl, tmp_path):
 
 def test_streaming_gives_the_same_rows(jsonl, tmp_path):
     tok, cfg = build_tiny_tokenizer(1), tiny_config(1)
-    full, _ = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **settings(cfg))
-    stream, stats = encode_jsonl(jsonl, tok, streaming=True, **settings(cfg))
+    full, _ = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")
+    stream, stats = encode_jsonl(jsonl, processor(cfg, tok), streaming=True)
     assert stats is None
     rows = list(stream)
     assert [r["input_ids"] for r in rows] == full["input_ids"]
-    assert isinstance(build_torch_dataset(stream, 28), CogVLMIterableDataset)
+    assert isinstance(build_torch_dataset(stream, processor(cfg, tok)), CogVLMIterableDataset)
 
 
 def test_torch_dataset_decodes_lazily_and_collates(jsonl, tmp_path):
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
-    ds, _ = encode_jsonl(jsonl, tok, cache_dir=tmp_path / "cache", **settings(cfg))
+    ds, _ = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")
     size = cfg.vision_config["image_size"]
-    tds = build_torch_dataset(ds, size)
+    tds = build_torch_dataset(ds, processor(cfg, tok))
     assert isinstance(tds, CogVLMDataset) and len(tds) == 2
     item = tds[0]
     assert item["images"][0].shape == (3, size, size) and item["images"][0].device.type == "cpu"
-    loader = torch.utils.data.DataLoader(tds, batch_size=2, collate_fn=CogVLMCollator(tok, cfg))
+    loader = torch.utils.data.DataLoader(tds, batch_size=2, collate_fn=CogVLMCollator(processor(cfg, tok)))
     batch = next(iter(loader))
     assert batch["images"].shape == (1, 3, size, size)
     assert batch["input_ids"].shape[0] == 2 and int(batch["token_type_ids"].sum()) == cfg.image_tokens
@@ -91,5 +90,5 @@ def test_skip_reasons_carry_the_real_line_number_with_blank_lines(jsonl, tmp_pat
     spaced = tmp_path / "spaced.jsonl"
     spaced.write_text("\n" + lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")  # rows now on lines 2, 4, 5, 6
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
-    _, stats = encode_jsonl(spaced, tok, cache_dir=tmp_path / "cache", **settings(cfg))
+    _, stats = encode_jsonl(spaced, processor(cfg, tok), cache_dir=tmp_path / "cache")
     assert "spaced.jsonl:5: too long" in stats.examples[0] and "spaced.jsonl:6: invalid" in stats.examples[1]

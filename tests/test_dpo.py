@@ -34,6 +34,7 @@ def _pairs(tmp_path, n=2):
 def _setup(version, tmp_path):
     from finetune.dpo import PreferenceCollator, encode_pairs
     from finetune.lora import apply_lora
+    from finetune.models.cogvlm.processing import CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
     from tests.conftest import build_tiny_model
 
@@ -41,18 +42,21 @@ def _setup(version, tmp_path):
     tok = build_tiny_tokenizer(version)
     model = apply_lora(model, LoraSection(targets=["experts"], r=4, lora_alpha=8, lora_dropout=0.0),
                        gradient_checkpointing=False, log=lambda *_: None)
-    rows = encode_pairs(_pairs(tmp_path), tok, model.config)
-    return model, tok, rows, PreferenceCollator(tok, model.config)
+    processor = CogVLMProcessor.from_config(model.config, tok)
+    rows = encode_pairs(_pairs(tmp_path), processor)
+    return model, tok, rows, PreferenceCollator(processor)
 
 
 def test_pair_encoding_scores_only_the_final_answer(tmp_path):
     from finetune.dpo import PreferenceCollator, encode_pair
+    from finetune.models.cogvlm.processing import CogVLMProcessor
     from finetune.tiny import tiny_config
     from finetune.tokenization import build_tiny_tokenizer
 
     tok, config = build_tiny_tokenizer(2), tiny_config(2)
     pair = _pairs(tmp_path, 1)[0]
-    row = encode_pair(pair, tok, config)
+    processor = CogVLMProcessor.from_config(config, tok)
+    row = encode_pair(pair, processor)
     for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
         scored = [t for t, lab in zip(ids, labels) if lab != -100]
@@ -61,7 +65,7 @@ def test_pair_encoding_scores_only_the_final_answer(tmp_path):
         assert row[f"{side}_token_type_ids"].count(1) == config.image_tokens
     n = len(row["chosen_input_ids"]) - len(tok.encode(pair.chosen, add_special_tokens=False)) - 1
     assert row["chosen_input_ids"][:n] == row["rejected_input_ids"][:n]  # same prompt tokens
-    batch = PreferenceCollator(tok, config)([row])
+    batch = PreferenceCollator(processor)([row])
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "token_type_ids", "images"}
     assert batch["input_ids"].shape[0] == 2 and batch["images"].shape[0] == 2  # chosen row, then rejected row
     assert batch["completion_mask"][0].sum() == len(tok.encode(pair.chosen, add_special_tokens=False)) + 1

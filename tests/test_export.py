@@ -21,7 +21,8 @@ def run2(tiny_checkpoints, tmp_path_factory):
 def test_export_peft_keeps_template_and_metadata(run2, tmp_path):
     out = export_peft(resolve_adapter(run2), tmp_path / "peft", log=lambda s: None)
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "cogtune.json"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "processor_config.json",
+            "cogtune.json"} <= names
     info = json.loads((out / "cogtune.json").read_text())
     assert info["format"] == "peft" and info["template_version"] == "vqa" and info["base_config_hash"]
     src = resolve_adapter(out)  # an exported adapter resolves with its own metadata

@@ -194,21 +194,20 @@ def _forward_loop_answer(model, tok, conv, collator, steps: int = 4) -> str:
 
 @pytest.mark.parametrize("which", ["plain", "peft"])
 def test_generate_answers_equals_forward_loop(adapted, tiny_checkpoints, version, which):
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
     from finetune.tokenization import load_tokenizer
 
     model = build_tiny_model(version) if which == "plain" else adapted[version][0]  # peft: what chat/predict load
     tok = build_tiny_tokenizer(version) if which == "plain" else load_tokenizer(tiny_checkpoints[version], None,
                                                                                  model.config)
     convs = _conversations()
-    collator = CogVLMCollator(tok, model.config, template_version="chat", padding_side="left",
-                              add_generation_prompt=True)
+    processor = CogVLMProcessor.from_config(model.config, tok, template_version="chat")
+    collator = CogVLMCollator(processor, padding_side="left", add_generation_prompt=True)
     expected = [_forward_loop_answer(model, tok, c, collator) for c in convs]
-    batched = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=4, batch_size=5)
+    batched = generate_answers(model, processor, convs, max_new_tokens=4, batch_size=5)
     assert batched == expected
     assert any(expected)
-    single = [generate_answers(model, tok, [c], template_version="chat", max_new_tokens=4, batch_size=1)[0]
-              for c in convs]
+    single = [generate_answers(model, processor, [c], max_new_tokens=4, batch_size=1)[0] for c in convs]
     assert single == expected
 
 
@@ -218,12 +217,12 @@ def test_predict_and_chat_give_the_forward_loop_tokens(adapted, tiny_checkpoints
 
     from adapters.chat import answer
     from adapters.predict import InferenceModel, predict
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
 
     im = InferenceModel(tiny_checkpoints[1], [str(adapted[1][2])], dtype="fp32")
     template = im.template()
-    collator = CogVLMCollator(im.tokenizer, im.config, template_version=template, padding_side="left",
-                              add_generation_prompt=True)
+    collator = CogVLMCollator(CogVLMProcessor.from_config(im.config, im.tokenizer, template_version=template),
+                              padding_side="left", add_generation_prompt=True)
     convs, _ = read_jsonl(DATA)
     predict(im, DATA, tmp_path / "pred.jsonl", batch_size=3, max_new_tokens=STEPS, log=lambda *_: None)
     got = [json.loads(line)["prediction"] for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
@@ -236,6 +235,8 @@ def test_predict_and_chat_give_the_forward_loop_tokens(adapted, tiny_checkpoints
 
 
 def test_stream_receives_tokens():
+    from finetune.models.cogvlm.processing import CogVLMProcessor
+
     model, tok = build_tiny_model(2), build_tiny_tokenizer(2)
     seen = []
 
@@ -246,7 +247,8 @@ def test_stream_receives_tokens():
         def end(self):
             seen.append("end")
 
-    generate_answers(model, tok, _conversations()[:1], template_version="chat", max_new_tokens=3, stream=Recorder())
+    processor = CogVLMProcessor.from_config(model.config, tok, template_version="chat")
+    generate_answers(model, processor, _conversations()[:1], max_new_tokens=3, stream=Recorder())
     assert seen[-1] == "end" and len(seen) >= 3
 
 

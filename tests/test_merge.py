@@ -19,13 +19,15 @@ TARGETS = (r"model\.layers\.\d+\.(self_attn\.(language|vision)_expert_(query_key
 
 
 def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, template: str = "chat",
-             scale: float = 0.05) -> Path:
-    """A run folder as the trainer writes it: adapter/ (PEFT + tokenizer) and run.json; LoRA B perturbed."""
+             scale: float = 0.05, **processor_settings) -> Path:
+    """A run folder as the trainer writes it: adapter/ (PEFT + processor: tokenizer and processor_config.json)
+    and run.json; LoRA B perturbed."""
     from peft import LoraConfig, get_peft_model
 
     from finetune.config import QuantSection
     from finetune.loading import base_fingerprint, to_bnb_config
     from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.models.cogvlm.processing import CogVLMProcessor
     from finetune.run_folder import config_hash
     from finetune.tokenization import load_tokenizer
 
@@ -43,7 +45,8 @@ def make_run(root: Path, base_dir: Path, *, quant: str = "none", seed: int = 1, 
     run = root
     run.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(run / "adapter"))
-    load_tokenizer(base_dir, None, model.config).save_pretrained(str(run / "adapter"))
+    CogVLMProcessor.from_config(model.config, load_tokenizer(base_dir, None, model.config), template_version=template,
+                                **processor_settings).save_pretrained(run / "adapter")
     info = {"family_version": model.config.cogvlm_version, "base_checkpoint": str(base_dir),
             "base_config_hash": config_hash(base_dir), "base_fingerprint": base_fingerprint(base_dir),
             "tokenizer_dir": None, "template_version": template,
@@ -86,7 +89,7 @@ def test_merge_parity_lora_and_strict_reload(runs, tiny_checkpoints, tmp_path, v
     assert set(index["weight_map"]) == merge_mod.checkpoint_keys(tiny_checkpoints[version])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "float32" and cfg["cogvlm_version"] == version
-    for name in ("generation_config.json", "tokenizer.json", "cogtune.json"):
+    for name in ("generation_config.json", "tokenizer.json", "processor_config.json", "cogtune.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "cogtune.json").read_text())["template_version"] == "chat"
     CogVLMForCausalLM.from_pretrained(str(out))  # strict=True by default: any missing/unexpected key raises

@@ -377,6 +377,34 @@ def test_padded_batch_equals_rows(tiny_model, side):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text-only"])
+def test_padded_positions_reach_no_expert(tiny_model, with_image):
+    """The experts (and any LoRA inside them) see real tokens only; a padded batch pays for its real tokens."""
+    cfg = tiny_model.config
+    ids, types, images = make_inputs(cfg, [[5, 6, 7, 8, 9]] * 2, seed=2)
+    if not with_image:
+        ids, types, images = ids[:, -5:], torch.zeros_like(types[:, -5:]), None
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding on row 1
+    ids[1, -3:] = cfg.pad_token_id
+    types[1, -3:] = 0
+    rows = []
+    layer = tiny_model.model.layers[0]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].reshape(-1, inp[0].shape[-1]).shape[0]))
+             for m in (layer.self_attn.language_expert_query_key_value, layer.mlp.language_mlp.gate_proj,
+                       layer.self_attn.vision_expert_query_key_value, layer.mlp.vision_mlp.gate_proj)]
+    try:
+        with torch.no_grad():
+            out = tiny_model(input_ids=ids, token_type_ids=types, attention_mask=mask, images=images).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(rows) == 2 * int(mask.sum())  # each real token once in the attention QKV and once in the MLP
+    single = tiny_model(input_ids=ids[1:, :-3], token_type_ids=types[1:, :-3],
+                        images=None if images is None else images[1:]).logits
+    torch.testing.assert_close(out[1, :-3], single[0].detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_segments_equal_separate_rows(tiny_model):
     cfg = tiny_model.config
     ids_a, types_a, img_a = make_inputs(cfg, [[5, 6, 7]], seed=4)

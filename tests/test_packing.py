@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from data_formats.schema import Conversation, Message
 from finetune.models.cogvlm.modeling import segment_runs
-from finetune.models.cogvlm.processing import CogVLMCollator
+from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
 from finetune.tokenization import build_tiny_tokenizer
 
 aten = torch.ops.aten
@@ -42,9 +42,10 @@ def rows(tmp_path) -> list[Conversation]:
 
 def _batches(version: int, model, rows):
     tok = build_tiny_tokenizer(version)
-    alone = [CogVLMCollator(tok, model.config)([r]) for r in rows]
+    alone = [CogVLMCollator(CogVLMProcessor.from_config(model.config, tok))([r]) for r in rows]
     width = max(b["input_ids"].shape[1] for b in alone)
-    packed = CogVLMCollator(tok, model.config, max_length=2 * width + 4, packing=True, pad_to_multiple_of=8)(rows)
+    packed = CogVLMCollator(CogVLMProcessor.from_config(model.config, tok, max_length=2 * width + 4), packing=True,
+                            pad_to_multiple_of=8)(rows)
     runs = segment_runs(packed["attention_mask"])
     # The layout the test is about: several rows hold two or more segments with image spans, and every pack's
     # last run is padding.

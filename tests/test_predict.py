@@ -43,7 +43,7 @@ def test_predict_batch_equals_single_and_metrics(two_runs, tmp_path, capsys):
 def test_switching_adapters_gives_each_adapters_logits(two_runs, tmp_path):
     base, run_a, run_b = two_runs
     multi = InferenceModel(base, [f"a={run_a}", f"b={run_b}"])
-    probe = build_probe(multi.tokenizer, multi.config, "chat", tmp_path)
+    probe = build_probe(multi.processor("chat"), tmp_path)
     got = {}
     for name in ("a", "b", "a"):
         multi.use(name)

@@ -179,16 +179,14 @@ def test_filters_rows_and_bad_filters(tmp_path, capsys):
 
 
 def test_tokens_and_truncation_with_a_model(tiny_checkpoints, tmp_path, capsys):
-    from finetune.models.cogvlm.processing import encode_conversation
     from finetune.validate import resolve_model
 
     data = ROOT / "tests" / "assets" / "data" / "tiny.jsonl"
     info = resolve_model(str(tiny_checkpoints[2]), None, None)
     full = {v.obj["id"]: v for v in read_rows(data, Options(max_length=None), info)[0]}
     conv = full["multi-turn"].conv
-    assert full["multi-turn"].tokens == len(encode_conversation(conv, info.tokenizer, family_version=2,
-                                                                image_tokens=info.image_tokens,
-                                                                template_version="chat"))
+    assert info.processor.template_version == "chat" and info.processor.image_tokens == info.image_tokens
+    assert full["multi-turn"].tokens == len(info.processor.encode(conv))
     limit = full["multi-turn"].tokens - 1  # one token short: the oldest turn must go
     views = {v.obj["id"]: v for v in read_rows(data, Options(max_length=limit, filters=["truncated"]), info)[0]}
     assert list(views) == ["multi-turn"] and views["multi-turn"].dropped_turns == 1

@@ -1,4 +1,4 @@
-"""Templates, encode_conversation (labels turn by turn, truncation, multi-image) and the image transform."""
+"""Templates, CogVLMProcessor.encode (labels turn by turn, truncation, multi-image) and the image transform."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from data_formats.schema import Conversation, Message
 from finetune.families import CLIP_MEAN, CLIP_STD
 from finetune.models.cogvlm.processing import (
     IGNORE_INDEX,
+    CogVLMProcessor,
     RowTooLong,
     build_prompt,
-    encode_conversation,
     get_template,
     load_and_transform_image,
 )
@@ -28,9 +28,10 @@ def conv(*turns: str, images: tuple[str, ...] = ("img.png",), system: str | None
     return Conversation("row", list(images), msgs, "data.jsonl:1")
 
 
-def enc(c: Conversation, version: int = 2, template: str = "chat", **kw):
+def enc(c: Conversation, version: int = 2, template: str = "chat", add_generation_prompt: bool = False, **kw):
     tok = build_tiny_tokenizer(version)
-    return encode_conversation(c, tok, family_version=version, image_tokens=SPAN, template_version=template, **kw)
+    processor = CogVLMProcessor(tok, image_tokens=SPAN, image_size=28, template_version=template, **kw)
+    return processor.encode(c, add_generation_prompt=add_generation_prompt)
 
 
 # --- templates (docs/architecture.md §14) -------------------------------------------------------------------

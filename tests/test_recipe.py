@@ -61,14 +61,20 @@ def test_lora_weights_move_and_base_weights_stay_bit_identical(task, tmp_path):
 
 def test_run_folder_contents_and_plain_peft_load(task, tmp_path):
     out = train(_cfg(task, tmp_path / "run"), log=lambda *_: None)
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "recipe.resolved.yaml",
-                 "run.json", "curves.png"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/processor_config.json",
+                 "recipe.resolved.yaml", "run.json", "curves.png"):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
     assert run["template_version"] == "chat" and run["family_version"] == 2 and run["global_step"] == 4
     assert len(run["base_config_hash"]) == 16
     assert run["base_fingerprint"] == __import__("finetune.loading").loading.base_fingerprint(task[0])
     assert load_recipe(out / "recipe.resolved.yaml") == _cfg(task, tmp_path / "run")
+    from finetune.models.cogvlm.processing import CogVLMProcessor
+
+    cfg = _cfg(task, tmp_path / "run")  # the processor saved beside the adapter carries the recipe's encoding
+    saved = CogVLMProcessor.from_pretrained(out / "adapter")
+    assert (saved.template_version, saved.max_length, saved.last_turn_only, saved.allow_multi_image) == (
+        "chat", cfg.data.max_length, cfg.data.last_turn_only, cfg.data.allow_multi_image)
 
     from peft import PeftModel
 

@@ -119,7 +119,7 @@ def test_predict_writes_a_report(tiny_checkpoints, tmp_path, capsys):
 
 def test_eval_callback_writes_a_report_each_eval(tmp_path):
     from finetune.callbacks import EvalCallback
-    from finetune.models.cogvlm.processing import CogVLMCollator
+    from finetune.models.cogvlm.processing import CogVLMCollator, CogVLMProcessor
     from finetune.tokenization import build_tiny_tokenizer
 
     from .conftest import build_tiny_model
@@ -127,10 +127,9 @@ def test_eval_callback_writes_a_report_each_eval(tmp_path):
     model, tok = build_tiny_model(2), build_tiny_tokenizer(2)
     convs, problems = read_jsonl(DATA)
     assert not [p for p in problems if p.level == "error"]
-    collator = CogVLMCollator(tok, model.config, template_version="chat")
+    collator = CogVLMCollator(CogVLMProcessor.from_config(model.config, tok, template_version="chat"))
     cfg = SimpleNamespace(eval=SimpleNamespace(eval_steps=3, generation_rows=2, max_new_tokens=2, log_predictions=0))
-    cb = EvalCallback(cfg, [collator.encode(c) for c in convs], convs, collator, tok, "chat", tmp_path,
-                      log=lambda *_: None)
+    cb = EvalCallback(cfg, [collator.encode(c) for c in convs], convs, collator, tmp_path, log=lambda *_: None)
     for step in (3, 6):
         cb.on_step_end(None, SimpleNamespace(global_step=step, is_world_process_zero=True), None, model=model)
     for step in (3, 6):

@@ -21,6 +21,7 @@ from adapters import merge_verify
 from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
 from finetune.generation import generate_answers
+from finetune.models.cogvlm.processing import CogVLMProcessor
 from finetune.recipe import train
 from finetune.tokenization import load_tokenizer
 
@@ -114,7 +115,8 @@ def test_generation_and_merge_are_quiet(task, tiny_checkpoints, monkeypatch):
                              return_dict_in_generate=True)
         tok = load_tokenizer(base, None, model.config)
         convs = [c for c in __import__("tests.test_generation", fromlist=["x"])._conversations()][:2]
-        answers = generate_answers(model, tok, convs, template_version="chat", max_new_tokens=3, batch_size=2)
+        processor = CogVLMProcessor.from_config(model.config, tok, template_version="chat")
+        answers = generate_answers(model, processor, convs, max_new_tokens=3, batch_size=2)
         report = merge_mod.merge_adapter(run, task[0] / "merged", dtype="fp32", log=lambda s: None)
     assert len(out.logits) >= 1 and torch.isfinite(out.logits[0]).all() and len(answers) == 2
     assert report.stats["max_abs_diff"] < 1e-4

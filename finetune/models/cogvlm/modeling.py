@@ -146,22 +146,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32_mat
 class ExpertRouting:
     """Token indices per expert, computed once per forward and reused by every layer (§7).
 
-    `inv` is None when every token goes to the language expert (text-only input, decode steps).
+    Padded positions (attention mask 0) go to neither expert: their QKV, dense and MLP outputs are zeros, so a
+    padded batch costs the experts (and their LoRA) only its real tokens. Nothing reads those positions: their
+    keys are masked, their logits unlabelled. `inv` is None when every token is a real LANGUAGE token (text-only
+    input without padding, decode steps): then the language expert runs on the whole tensor.
     """
 
     lang_idx: torch.Tensor | None = None  # (N_lang,) flat indices into B*L
     vis_idx: torch.Tensor | None = None  # (N_vis,)
-    inv: torch.Tensor | None = None  # (B*L,) position of each token in cat([lang, vis])
+    inv: torch.Tensor | None = None  # (B*L,) position of each token in cat([lang, vis, one zero row])
 
     @classmethod
-    def from_token_types(cls, token_type_ids: torch.Tensor) -> ExpertRouting:
+    def from_token_types(cls, token_type_ids: torch.Tensor, real: torch.Tensor | None = None) -> ExpertRouting:
+        """`real`: (B, L) bool, False at padded positions (None: every position is real)."""
         vision = get_expert_mask(token_type_ids).reshape(-1)  # (B*L,) eoi/padding -> language (§7)
-        vis_idx = vision.nonzero().squeeze(1)  # the one host sync of routing per forward
-        if vis_idx.numel() == 0:
+        real = None if real is None else real.reshape(-1).to(vision.device)
+        if real is not None:
+            vision = vision & real
+        vis_idx = vision.nonzero().squeeze(1)  # host sync of routing, once per forward
+        all_real = real is None or bool(real.all())
+        if vis_idx.numel() == 0 and all_real:
             return cls()
-        lang_idx = (~vision).nonzero().squeeze(1)
-        inv = torch.empty_like(vision, dtype=torch.long)
-        inv[torch.cat((lang_idx, vis_idx))] = torch.arange(vision.numel(), device=vision.device)
+        language = ~vision if all_real else (~vision & real)
+        lang_idx = language.nonzero().squeeze(1)
+        n_out = lang_idx.numel() + vis_idx.numel()
+        inv = torch.full_like(vision, n_out, dtype=torch.long)  # padded positions -> the zero row
+        inv[torch.cat((lang_idx, vis_idx))] = torch.arange(n_out, device=vision.device)
         return cls(lang_idx, vis_idx, inv)
 
     def apply(self, x: torch.Tensor, language: nn.Module, vision: nn.Module) -> torch.Tensor:
@@ -172,8 +182,11 @@ class ExpertRouting:
         if self.inv.device != x.device:  # layers split over devices (device_map): move the indices once
             self.lang_idx, self.vis_idx, self.inv = (t.to(x.device) for t in (self.lang_idx, self.vis_idx, self.inv))
         flat = x.reshape(b * n, -1)  # (B*L, in)
-        out = torch.cat((language(flat.index_select(0, self.lang_idx)), vision(flat.index_select(0, self.vis_idx))))
-        return out.index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
+        parts = [language(flat.index_select(0, self.lang_idx))]
+        if self.vis_idx.numel():
+            parts.append(vision(flat.index_select(0, self.vis_idx)))
+        parts.append(parts[0].new_zeros(1, parts[0].shape[-1]))  # the output of every padded position
+        return torch.cat(parts).index_select(0, self.inv).view(b, n, -1)  # (B, L, out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,8 +410,14 @@ class EVA2CLIPModel(nn.Module):
             self.conv = nn.Conv2d(d, d, kernel_size=2, stride=2, bias=True)
         self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.vision_config = dict(vc)
+        self.feature_cache = None  # finetune/feature_cache.py (data.feature_cache), set after LoRA is applied
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tower_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, P, D): the ViT without its cls token, after the optional 2x2 conv."""
+        if getattr(self, "tower_released", False):
+            raise RuntimeError("an image is missing from data.feature_cache and the vision tower's weights were "
+                               "released after every image of the run was cached (finetune/feature_cache.py)")
         x = self.patch_embedding(images)  # (N, g*g+1, D)
         x = self.transformer(x)
         x = x[:, 1:]  # drop cls -> (N, g*g, D)
@@ -407,7 +426,21 @@ class EVA2CLIPModel(nn.Module):
             g = int(p**0.5)
             x = x.view(n, g, g, d).permute(0, 3, 1, 2)  # (N, D, g, g)
             x = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)^2, D) row-major
-        x = self.linear_proj(x)  # (N, P, H)
+        return x
+
+    def glu_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, P, H): tower, then the GLU adapter into the language model's width."""
+        return self.linear_proj(self.tower_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cache = self.feature_cache
+        if cache is None:
+            x = self.glu_features(images)
+        elif cache.stage == "glu":
+            x = cache.lookup(images, self.glu_features)
+        else:  # the GLU adapter trains: only the tower's output is cached
+            x = self.linear_proj(cache.lookup(images, self.tower_features))
+        # x: (N, P, H)
         boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
         eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat((boi, x, eoi), dim=1)  # (N, P+2, H)
@@ -645,7 +678,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
 
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
+        real = attention_mask[:, -n:] != 0 if attention_mask is not None and attention_mask.dim() == 2 else None
+        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device), real)
         # All layers share the same inv_freq values; compute cos/sin once per forward from layer 0's buffer.
         rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
         # Packed rows at prefill/training attend per segment (no L x L mask); with a cache, the mask path.
@@ -750,6 +784,9 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
 class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
+    # The inputs a batch carries, declared once: the collator's output keys, the dataset's columns, generation's
+    # inputs and the merge probes all read this (labels are the loss target, not an input).
+    model_input_names: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask", "position_ids", "images")
     _tied_weights_keys: dict[str, str] = {}
     # What the kit reads off the class instead of hard-coding module names elsewhere (docs/adding-a-family.md).
     target_spec: TargetSpec = COGVLM_TARGETS

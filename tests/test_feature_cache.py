@@ -1,0 +1,110 @@
+"""Frozen-vision feature cache: cached and uncached training agree; what trains decides what is cached."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.demo import RECIPE, write_task
+from finetune.config import load_recipe
+from finetune.feature_cache import FeatureCache, cache_stage
+from finetune.recipe import train
+from finetune.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fc")
+    base = make_tiny(2, root / "base", seed=3)
+    train_path, eval_path = write_task(root / "data", n_train=12, n_eval=4, seed=3)
+    return base, train_path, eval_path
+
+
+def _run(task, out, *extra):
+    base, train_path, eval_path = task
+    cfg = load_recipe(RECIPE, [f"model.checkpoint_dir={base}", f"data.train_path={train_path}",
+                               f"data.eval_path={eval_path}", f"output.dir={out}", "train.max_steps=6",
+                               "train.num_train_epochs=3", "train.per_device_train_batch_size=4",
+                               "train.logging_steps=1", "train.report_to=[none]", "eval.generation_rows=0",
+                               "data.num_workers=0", "lora.lora_dropout=0.0", *extra])
+    logs = []
+    out = train(cfg, log=logs.append)
+    return out, load_file(str(out / "adapter" / "adapter_model.safetensors")), "\n".join(map(str, logs))
+
+
+def test_cached_training_equals_uncached_and_reuses_the_cache(task, tmp_path):
+    cache = tmp_path / "cache"
+    frozen = "lora.targets=[experts]"  # tower and GLU frozen: the GLU's output is cached
+    plain_out, plain, _ = _run(task, tmp_path / "plain", frozen)
+    cached_out, cached, log1 = _run(task, tmp_path / "cached", frozen, f"data.feature_cache={cache}")
+    assert "16 computed now" in log1 and "vision weights released" in log1  # 12 train + 4 eval images, once each
+    again_out, again, log2 = _run(task, tmp_path / "again", frozen, f"data.feature_cache={cache}")
+    assert "0 computed now" in log2  # a second run on the same base reads every image from disk
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(again[name], plain[name], atol=1e-6, rtol=1e-5)
+    losses = [json.loads((o / "run.json").read_text())["train_loss"] for o in (plain_out, cached_out, again_out)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+    files = list(cache.glob("glu-*/*.safetensors"))
+    assert len(files) == 16
+
+
+def test_trained_glu_caches_the_tower_only_and_a_trained_tower_is_refused(task, tmp_path):
+    # the demo recipe puts LoRA on the GLU adapter
+    _, _, log = _run(task, tmp_path / "glu", f"data.feature_cache={tmp_path / 'c'}", "train.max_steps=2")
+    assert "tower (the GLU adapter trains)" in log and list((tmp_path / "c").glob("tower-*/*.safetensors"))
+    with pytest.raises(ValueError, match="needs a frozen vision tower"):
+        _run(task, tmp_path / "tower", f"data.feature_cache={tmp_path / 'c'}",
+             "lora.targets=[language_expert_attn,vision_tower]", "train.max_steps=1")
+
+
+def test_cache_key_follows_pixels_and_producer(tmp_path):
+    a = FeatureCache(tmp_path, {"base_fingerprint": "x", "dtype": "float32"}, "glu")
+    b = FeatureCache(tmp_path, {"base_fingerprint": "y", "dtype": "float32"}, "glu")
+    assert a.dir != b.dir  # another base never reads these features
+    img = torch.rand(3, 8, 8)
+    assert FeatureCache.key(img) == FeatureCache.key(img.clone())
+    assert FeatureCache.key(img) != FeatureCache.key(img.to(torch.bfloat16))
+    bumped = img.clone()
+    bumped[0, 0, 0] += 1e-3
+    assert FeatureCache.key(img) != FeatureCache.key(bumped)
+    calls = []
+
+    def compute(x):
+        calls.append(x.shape[0])
+        return x.flatten(1)[:, :5] * 2
+
+    batch = torch.stack([img, bumped, img])
+    first = a.lookup(batch, compute)
+    second = a.lookup(batch, compute)
+    assert calls == [3] and torch.equal(first, second) and (a.hits, a.misses) == (3, 3)
+
+
+def test_cache_stage_reads_what_trains():
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.tiny import tiny_config
+
+    model = CogVLMForCausalLM(tiny_config(2))
+    vision = model.model.vision
+    for p in model.parameters():
+        p.requires_grad_(False)
+    vision.boi.requires_grad_(True)  # boi/eoi run live, whatever the stage
+    assert cache_stage(vision) == "glu"
+    vision.linear_proj.gate_proj.weight.requires_grad_(True)
+    assert cache_stage(vision) == "tower"
+
+
+def test_memory_plan_drops_the_released_tower(task):
+    from finetune.loading import build_meta_model
+    from finetune.memory import plan_memory
+
+    base, train_path, _ = task
+    meta = build_meta_model(base)
+    args = [f"model.checkpoint_dir={base}", f"data.train_path={train_path}", "lora.targets=[experts]"]
+    plain = plan_memory(meta, load_recipe(RECIPE, args), 0, 0, "bfloat16")
+    cached = plan_memory(meta, load_recipe(RECIPE, [*args, "data.feature_cache=/tmp/x"]), 0, 0, "bfloat16")
+    tower = sum(p.numel() for n, p in meta.named_parameters()
+                if n.startswith(("model.vision.patch_embedding", "model.vision.transformer", "model.vision.conv",
+                                 "model.vision.linear_proj")))
+    assert plain.total_gib - cached.total_gib >= tower * 2 / 2**30 * 0.999  # bf16 weights no longer counted
