@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "validate": ("finetune.validate", "check a JSONL file against a model: every problem at once, then token lengths"),
     "preview": ("finetune.preview", "HTML page of a JSONL file: boxes drawn on the images, tokens, problems per row"),
     "train": ("finetune.recipe", "train from a recipe file or a shipped recipe's name, in this process"),
+    "launch": ("finetune.distributed", "check an accelerate config (DDP/FSDP/ZeRO), plan memory per GPU, then launch"),
     "targets": ("finetune.targets", "show which modules a recipe's LoRA targets match, and parameter counts"),
     "check": ("finetune.check", "validate recipe, data and targets, then overfit 8 rows and require the loss to drop"),
     "config": ("finetune.config", "print a recipe fully resolved, with each field's documentation"),

@@ -188,8 +188,8 @@ def trainable_counts(model, matched: Iterable[str], r: int, modules_to_save: Ite
     return lora, full
 
 
-def memory_plan_for(model, cfg, matched: list[str]):
-    """The recipe's memory plan (finetune/memory.py) for this model's shapes."""
+def memory_plan_for(model, cfg, matched: list[str], world: int = 1, engine: str = "none"):
+    """The recipe's memory plan (finetune/memory.py) for this model's shapes, on `world` GPUs under `engine`."""
     from finetune.loading import resolve_dtype
     from finetune.memory import plan_memory
 
@@ -202,7 +202,7 @@ def memory_plan_for(model, cfg, matched: list[str]):
         dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
     modules = dict(model.named_modules())
     in_features = sum(modules[n].in_features for n in matched)
-    return plan_memory(model, cfg, lora, full, dtype, lora_in_features=in_features)
+    return plan_memory(model, cfg, lora, full, dtype, lora_in_features=in_features, world=world, engine=engine)
 
 
 def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> str:
@@ -227,9 +227,16 @@ def linear_module_names(model) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """`cogtune targets RECIPE [k=v ...]`: matched modules and parameter table, on a meta-device model."""
+    """`cogtune targets RECIPE [k=v ...] [--gpus N --engine fsdp]`: matched modules, parameter table and the
+    per-GPU memory plan, on a meta-device model."""
     from finetune.config import parse_recipe_args
+    from finetune.distributed import split_plan_args
 
+    try:
+        argv, world, engine = split_plan_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _, cfg = parse_recipe_args(argv, "cogtune targets", "show what a recipe's LoRA targets match")
     from finetune.loading import build_meta_model
 
@@ -249,5 +256,5 @@ def main(argv: list[str]) -> int:
 
     modules, params = split_modules_to_save(cfg.lora.modules_to_save)
     print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(modules, model) + params))
-    print(memory_plan_for(model, cfg, matched))
+    print(memory_plan_for(model, cfg, matched, world=world, engine=engine))
     return 0
