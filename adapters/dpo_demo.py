@@ -6,7 +6,7 @@ model prefers the true colour over a wrong one about half the time (chance). The
 the true colour (chosen) over another (rejected); held-out pairs measure preference accuracy, the
 share of pairs whose chosen answer the model finds more likely, before -> after DPO.
 
-    python -m adapters.dpo_demo --out out/dpo-demo [--quant nf4]
+    python -m adapters.dpo_demo --out out/dpo-demo [--quant nf4] [--seed N]
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def write_pairs(folder: Path, n_sft: int, n_train: int, n_eval: int, seed: int,
 
 
 def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48, sft_steps: int = 10,
-              dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print) -> dict:
-    """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json."""
+              dpo_steps: int = 30, dpo_lr: float = 5e-3, quant: str = "none", seed: int = 0, log=print,
+              dpo_overrides: tuple[str, ...] = ()) -> dict:
+    """Tiny base -> SFT adapter -> DPO (continuing it) through the recipe path; returns the DPO run.json.
+
+    `dpo_overrides`: extra recipe overrides for the DPO run (e.g. "dpo.beta=0.5")."""
     from finetune.config import load_recipe
     from finetune.recipe import train
     from finetune.tiny import make_tiny
@@ -76,7 +79,8 @@ def run_proof(out: Path, *, n_sft: int = 64, n_train: int = 96, n_eval: int = 48
                                         f"data.eval_path={data['eval']}", f"train.max_steps={dpo_steps}",
                                         f"train.learning_rate={dpo_lr}", "train.per_device_train_batch_size=8",
                                         "train.logging_steps=1", "train.lr_scheduler_type=constant",
-                                        f"dpo.start_adapter={out / 'sft' / 'adapter'}", f"output.dir={out / 'dpo'}"])
+                                        f"dpo.start_adapter={out / 'sft' / 'adapter'}", f"output.dir={out / 'dpo'}",
+                                        *dpo_overrides])
     train(dpo, log=log)
     return json.loads((out / "dpo" / "run.json").read_text())
 
@@ -85,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapters.dpo_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/dpo-demo")
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
-    parser.add_argument("--dpo-steps", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0, help="base weights, data and training order")
+    parser.add_argument("--train-pairs", type=int, default=96)
+    parser.add_argument("--eval-pairs", type=int, default=48)
+    parser.add_argument("--dpo-steps", type=int, default=30)
+    parser.add_argument("--dpo-lr", type=float, default=5e-3)
+    parser.add_argument("--beta", type=float, default=0.1)
     args = parser.parse_args(argv)
-    info = run_proof(Path(args.out), n_train=192, n_eval=96, dpo_steps=args.dpo_steps, quant=args.quant)
+    info = run_proof(Path(args.out), n_train=args.train_pairs, n_eval=args.eval_pairs, dpo_steps=args.dpo_steps,
+                     dpo_lr=args.dpo_lr, quant=args.quant, seed=args.seed, dpo_overrides=(f"dpo.beta={args.beta}",))
     print(f"held-out preference accuracy: {info['preference_accuracy_before']:.3f} -> "
-          f"{info['preference_accuracy_after']:.3f} ({args.quant}, {info['global_step']} DPO steps, "
+          f"{info['preference_accuracy_after']:.3f} ({args.quant}, seed {args.seed}, {info['global_step']} DPO steps, "
           f"{info['wall_seconds']:.0f}s)")
     return 0
 

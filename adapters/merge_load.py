@@ -177,8 +177,8 @@ def load_processor_for(source: AdapterSource | None, base_dir: Path, config: Any
     from finetune.models import processor_class_for
     from finetune.run_folder import template_for
 
-    cls = processor_class_for(config)  # the family's processor (finetune/models FAMILIES)
+    processor_class = processor_class_for(config)  # the family's (CogAgent adds cross_image_size)
     tokenizer = load_tokenizer_for(source, base_dir, config, tokenizer_dir)
-    saved = cls.read_settings(source.adapter_dir) if source is not None else {}
+    saved = processor_class.read_settings(source.adapter_dir) if source is not None else {}
     settings = {**saved, "template_version": template_for(source, config)}
-    return cls.from_config(config, tokenizer, **settings)
+    return processor_class.from_config(config, tokenizer, **settings)

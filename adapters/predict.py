@@ -59,9 +59,8 @@ class InferenceModel:
                                             tokenizer_dir)
         from finetune.models import processor_class_for
 
-        # the encoding each was trained with (processor_config.json beside a merged model or an adapter), read by
-        # the family's processor class
         self.processor_class = processor_class_for(config)
+        # the encoding each was trained with (processor_config.json beside a merged model or an adapter)
         self.processor_settings = {None: self.processor_class.read_settings(self.model_dir)}
         for name, src in self.adapters:
             self.processor_settings[name] = self.processor_class.read_settings(src.adapter_dir)
@@ -89,7 +88,8 @@ class InferenceModel:
         """The processor that prompts the active adapter (or the model) with `template`: the settings saved
         beside it, the loaded tokenizer, the checkpoint's image span and transform."""
         saved = self.processor_settings[self.active]
-        return self.processor_class.from_config(self.config, self.tokenizer, **{**saved, "template_version": template})
+        return self.processor_class.from_config(self.config, self.tokenizer,
+                                                **{**saved, "template_version": template})
 
     def template(self, requested: str | None = None, warn=None) -> str:
         """The active adapter's stored template; a different `requested` one is used with a warning."""
@@ -160,6 +160,10 @@ def predict(im: InferenceModel, data: str | Path, out: str | Path, *, template: 
     if not graded:
         return None
     metrics = score([r["prediction"] for r in graded], [r["reference"] for r in graded])
+    from finetune.gui_metrics import is_action, score_actions
+
+    if any(is_action(r["reference"]) for r in graded):  # GUI-agent rows (CogAgent): step-level action metrics
+        metrics.update(score_actions([r["prediction"] for r in graded], [r["reference"] for r in graded]))
     metrics.update({"adapter": im.active, "template_version": tmpl, "data": str(data)})
     write_atomic(metrics_path(out), json.dumps(metrics, indent=2) + "\n")
     respect_umask(metrics_path(out))

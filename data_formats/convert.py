@@ -1,9 +1,11 @@
 """`cogtune convert --from FORMAT INPUT --out OUT.jsonl`: other dataset formats -> canonical JSONL.
 
 Every converted row is checked with the same rules as `cogtune validate` (structure, images exist,
-an answer is present); rows that fail are skipped and each is reported as `file:line: ...`, with a
-count per reason at the end, so nothing disappears silently. The output is published atomically and
-only when complete and non-empty: a failure or zero rows leave an existing output as it was (exit 1).
+an answer is present; for the preference formats rlaif-v and sharegpt-pairs, prompt turns plus
+`chosen` / `rejected`, data_formats/preference.py); rows that fail are skipped and each is reported
+as `file:line: ...`, with a count per reason at the end, so nothing disappears silently. The output is
+published atomically and only when complete and non-empty: a failure or zero rows leave an existing
+output as it was (exit 1).
 Image paths must lie under the input's folder (or `--image-root`) unless `--allow-outside-images`.
 Image paths in the output are relative to the output's folder when the image lies under it, else
 absolute.
@@ -22,8 +24,10 @@ from typing import Literal, get_args
 from data_formats.common import Record
 from data_formats.schema import parse_row, write_jsonl
 
-Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "llava-video", "video-folder"]
+Format = Literal["llava", "sharegpt", "cogvlm-sft", "swift", "openai", "glm", "hf", "mind2web", "rlaif-v",
+                 "sharegpt-pairs", "llava-video", "video-folder"]
 FORMATS: tuple[str, ...] = get_args(Format)
+PREFERENCE_FORMATS = ("rlaif-v", "sharegpt-pairs")  # rows with chosen/rejected (data_formats/preference.py)
 
 
 def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record]:
@@ -53,6 +57,10 @@ def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record
         from data_formats import glm
 
         return glm.convert(src, image_root=root)
+    if fmt == "mind2web":  # GUI action steps -> CogAgent "Plan / Next Action / Grounded Operation" rows
+        from data_formats import mind2web
+
+        return mind2web.convert(src, image_root=root)
     if fmt == "hf":
         from data_formats import hf
 
@@ -65,6 +73,10 @@ def records(fmt: Format, src: Path, args: argparse.Namespace) -> Iterator[Record
         if fmt == "video-folder":
             return video.convert_video_folder(src, prompt=args.prompt)
         return video.convert_llava_video(src, image_root=root, role_map=args.role_map)
+    if fmt in PREFERENCE_FORMATS:
+        from data_formats import preference
+
+        return preference.records(fmt, src, image_root=root, role_map=args.role_map)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -84,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL path")
     p.add_argument("--image-root", help="folder that relative image paths in the input refer to "
                    "(default: the input file's folder)")
-    p.add_argument("--role-map", help="sharegpt/llava: extra role names, e.g. 'human=user,bot=assistant'")
+    p.add_argument("--role-map", help="sharegpt/llava/sharegpt-pairs: extra role names, e.g. "
+                   "'human=user,bot=assistant'")
     p.add_argument("--labels", help="cogvlm-sft: labels folder name (default labels_en, else labels_zh)")
     p.add_argument("--split", help="hf: which split to convert (default: train, or the only one)")
     p.add_argument("--image-column", help="hf: column holding the image(s)")
@@ -117,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fmt == "video-folder":  # the clips are inside the given folder
         in_root = src
     roots = (in_root, out_dir)
+    if args.fmt in PREFERENCE_FORMATS:  # preference rows: prompt turns + chosen/rejected, checked as such
+        from data_formats.preference import parse_pair as check_row
+    else:
+        check_row = parse_row
     skipped: Counter[str] = Counter()
     reports: list[str] = []
     outside = 0
@@ -131,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                               file=sys.stderr):
                 if row is not None and not problems:
                     # Same rules as `cogtune validate`, minus image decoding and the per-model image limit.
-                    conv, problems = parse_row(row, source, Path("/"), default_id=row.get("id", ""), roots=roots,
-                                               allow_outside_images=args.allow_outside_images)
+                    conv, problems = check_row(row, source, Path("/"), default_id=row.get("id", ""), roots=roots,
+                                               allow_outside_images=args.allow_outside_images, max_images=None)
                     if conv is not None:
                         canonical = conv.to_json()
                         canonical["images"] = [_portable(r, out_dir) for r in conv.images]

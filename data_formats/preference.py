@@ -17,8 +17,8 @@ given as strings or as `{"from": "gpt", "value": ...}` turns).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ from data_formats.common import Record, map_records, skip
 from data_formats.schema import (
     Conversation,
     Problem,
+    _decode_candidates,
+    check_images_parallel,
+    loads_row,
     note_duplicate_id,
     parse_lines,
     parse_row,
@@ -46,6 +49,10 @@ class PreferencePair:
     @property
     def id(self) -> str:
         return self.prompt.id
+
+    @property
+    def images(self) -> list[str]:
+        return self.prompt.images
 
     def to_json(self) -> dict[str, Any]:
         """The canonical preference row (what the converters write)."""
@@ -75,16 +82,20 @@ def _answer_problems(obj: dict, source: str) -> list[Problem]:
 
 
 def parse_pair(obj: Any, source: str, base_dir: Path, *, default_id: str = "", max_images: int | None = 1,
-               check_images: bool = False, allow_outside_images: bool = False
-               ) -> tuple[PreferencePair | None, list[Problem]]:
-    """Check one decoded preference row; the pair is None when the row has any error."""
+               check_images: Any = False, allow_outside_images: bool = False,
+               roots: Sequence[Path | str] | None = ()) -> tuple[PreferencePair | None, list[Problem]]:
+    """Check one decoded preference row; the pair is None when the row has any error.
+
+    `check_images` and `roots` mean what they mean for `schema.parse_row`."""
     if not isinstance(obj, dict):
         return None, [Problem(source, "row", f"is a JSON {type(obj).__name__}; expected an object",
                               "one JSON object per line", "error", "bad row")]
     conv, problems = parse_row(obj, source, base_dir, default_id=default_id, max_images=max_images,
-                               check_images=check_images, require_answer=False,
+                               check_images=check_images, require_answer=False, roots=roots,
                                allow_outside_images=allow_outside_images)
-    problems = list(problems)
+    # SFT hints name the SFT converters; a preference row's ShareGPT-style turns convert with the pair converter
+    problems = [replace(p, hint=p.hint.replace("--from sharegpt` (or --from llava)", "--from sharegpt-pairs`")
+                        .replace("--from sharegpt`", "--from sharegpt-pairs`")) for p in problems]
     msgs = obj.get("messages")
     if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
         problems.append(Problem(source, f"messages[{len(msgs) - 1}]", "prompt ends with an assistant turn",
@@ -105,9 +116,13 @@ def validate_pairs(lines: Iterable[str], *, path: str | Path, image_root: str | 
     pairs: list[PreferencePair] = []
     seen: dict[str, str] = {}
     parsed, problems = parse_lines(lines, path)
+    checked: Any = check_images
+    if check_images:  # every distinct image decoded once, in parallel, as for SFT rows
+        checked = check_images_parallel(_decode_candidates((obj for _, _, obj in parsed), base_dir,
+                                                           allow_outside_images))
     for lineno, source, obj in parsed:
         pair, row_problems = parse_pair(obj, source, base_dir, default_id=f"{path.stem}-{lineno}",
-                                        max_images=max_images, check_images=check_images,
+                                        max_images=max_images, check_images=checked,
                                         allow_outside_images=allow_outside_images)
         problems.extend(row_problems)
         if pair is None:
@@ -136,6 +151,26 @@ def read_pairs(path: str | Path, image_root: str | Path | None = None, *, max_im
 def is_preference_row(obj: Any) -> bool:
     """True for a row that carries `chosen` / `rejected` (so SFT tools can say it is the wrong kind)."""
     return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
+
+
+def is_preference_file(path: str | Path, sample: int = 50) -> bool:
+    """True when the first readable JSONL rows (up to `sample`) are mostly preference rows.
+
+    `cogtune validate` and `cogtune check` use it to pick the preference checks; a file that cannot be read
+    is not one (the SFT checks then report why)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rows = []
+            for line in fh:
+                if line.strip():
+                    obj, why = loads_row(line)
+                    if why is None:
+                        rows.append(obj)
+                if len(rows) >= sample:
+                    break
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(rows) and 2 * sum(is_preference_row(r) for r in rows) > len(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +236,13 @@ def sharegpt_pair_row(obj: Any, source: str, base_dir: Path, default_id: str,
     return source, row, []
 
 
-def convert(fmt: str, path: Path, *, image_root: Path | None = None, role_map: str | None = None,
-            allow_outside_images: bool = False) -> Iterator[tuple[str, PreferencePair | None, list[Problem]]]:
-    """Rows of an RLAIF-V (`fmt="rlaif-v"`) or ShareGPT pair (`fmt="sharegpt-pairs"`) JSON/JSONL file,
-    each checked by `parse_pair`: (file:line, pair or None, problems)."""
+FORMATS = ("rlaif-v", "sharegpt-pairs")
+
+
+def records(fmt: str, path: Path, *, image_root: Path | None = None, role_map: str | None = None) -> Iterator[Record]:
+    """Unchecked canonical preference rows of an RLAIF-V (`fmt="rlaif-v"`) or ShareGPT pair
+    (`fmt="sharegpt-pairs"`) JSON/JSONL file: (file:line, row or None, problems). `cogtune convert` checks
+    them with `parse_pair` against its image roots."""
     if fmt == "rlaif-v":
         to_row = rlaif_v_row
     elif fmt == "sharegpt-pairs":
@@ -213,9 +251,15 @@ def convert(fmt: str, path: Path, *, image_root: Path | None = None, role_map: s
         def to_row(obj: Any, src: str, base: Path, rid: str) -> Record:
             return sharegpt_pair_row(obj, src, base, rid, mapping)
     else:
-        raise ValueError(f"unknown preference format {fmt!r}; expected rlaif-v or sharegpt-pairs")
+        raise ValueError(f"unknown preference format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return map_records(path, image_root, to_row)
+
+
+def convert(fmt: str, path: Path, *, image_root: Path | None = None, role_map: str | None = None,
+            allow_outside_images: bool = False) -> Iterator[tuple[str, PreferencePair | None, list[Problem]]]:
+    """`records`, each checked by `parse_pair`: (file:line, pair or None, problems)."""
     base_dir = image_root or path.parent
-    for source, row, problems in map_records(path, image_root, to_row):
+    for source, row, problems in records(fmt, path, image_root=image_root, role_map=role_map):
         if row is None:
             yield source, None, problems
             continue
@@ -223,5 +267,5 @@ def convert(fmt: str, path: Path, *, image_root: Path | None = None, role_map: s
         yield source, pair, problems + more
 
 
-__all__ = ["PreferencePair", "convert", "is_preference_row", "parse_pair", "read_pairs", "rlaif_v_row",
-           "sharegpt_pair_row", "validate_pairs"]
+__all__ = ["FORMATS", "PreferencePair", "convert", "is_preference_file", "is_preference_row", "parse_pair",
+           "read_pairs", "records", "rlaif_v_row", "sharegpt_pair_row", "validate_pairs"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .evaluation import generation_eval, token_weighted_eval_loss
 from .fileio import write_atomic
 from .run_folder import RUN_STATE, write_manifest
 from .trainer import GuardedTrainer
@@ -23,9 +22,11 @@ class ExtraParamsCallback(TrainerCallback):
         self.model, self.names = model, names
 
     def on_save(self, args, state, control, **kwargs):
-        from finetune import extra_params
+        from .distributed import save_extra_params
 
-        extra_params.save(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        # every rank gathers (sharded weights), one rank writes
+        save_extra_params(self.model, self.names, Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                          state.is_world_process_zero)
 
 
 class CheckpointCallback(TrainerCallback):
@@ -106,14 +107,19 @@ class EvalCallback(TrainerCallback):
         self._last_step = -1
 
     def _run(self, state, model) -> None:
-        # One process evaluates (under accelerate every rank holds the whole model; eval uses no collectives).
-        if not self.examples or state.global_step == self._last_step or not state.is_world_process_zero:
+        # Every rank evaluates its share (under FSDP/ZeRO-3 a forward needs all ranks); rank 0 gets the results.
+        if not self.examples or state.global_step == self._last_step:
             return
         self._last_step = state.global_step
         t0 = time.time()
-        metrics = {"eval_loss": round(token_weighted_eval_loss(model, self.examples, self.collator), 5)}
-        gen, samples = generation_eval(model, self.collator.processor, self.convs, self.cfg.eval.max_new_tokens,
-                                       self.cfg.eval.generation_rows)
+        from .distributed import evaluate_on_every_rank
+
+        loss, gen, samples = evaluate_on_every_rank(model, self.examples, self.collator, self.convs,
+                                                    self.collator.processor, self.cfg.eval.max_new_tokens,
+                                                    self.cfg.eval.generation_rows)
+        if not state.is_world_process_zero:
+            return
+        metrics = {"eval_loss": round(loss, 5)}
         metrics.update({f"eval_{k}": v for k, v in gen.items()})
         self.log(f"eval @ step {state.global_step}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
         for s in samples[: self.cfg.eval.log_predictions]:
@@ -129,7 +135,11 @@ class EvalCallback(TrainerCallback):
                               state.global_step)
         if self.trainer is not None:
             self.trainer.eval_seconds += time.time() - t0
+            # Trainer.log clears control.should_log: this step's train-loss line (a collective under several
+            # processes, taken by every rank) must still be logged
+            should_log = self.trainer.control.should_log
             self.trainer.log(metrics)
+            self.trainer.control.should_log = should_log
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.cfg.eval.eval_steps

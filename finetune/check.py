@@ -3,7 +3,8 @@
 1. the recipe validates (strict keys and types);
 2. the training data validates (every problem at once) and encodes at data.max_length;
 3. the LoRA targets match, shown on a meta-device model (no weights loaded);
-4. the real model overfits 8 rows for a few steps through the real trainer, and the loss must drop.
+4. the real model overfits 8 rows for a few steps through the real trainer, and the loss must drop
+   (for `train.method: dpo`, 8 preference pairs through TRL's DPOTrainer, and the DPO loss must drop).
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def overfit_check(cfg: RunConfig, rows: int = 8, steps: int = 20, log=print) -> 
     from .recipe import train
     from .validate import load_and_validate
 
-    convs, _ = load_and_validate(cfg.data.train_path, image_root=cfg.data.image_root,
-                                 max_images=None if cfg.data.allow_multi_image else 1,
-                                 skip_invalid=cfg.data.skip_invalid,
-                                 allow_outside_images=cfg.data.allow_outside_images)
+    if cfg.train.method == "dpo":  # preference pairs: a DPO overfit (finetune/dpo.py), the DPO loss must drop
+        from .dpo_data import read_pairs_or_fail
+
+        convs = read_pairs_or_fail(cfg.data.train_path, cfg, log)
+    else:
+        convs, _ = load_and_validate(cfg.data.train_path, image_root=cfg.data.image_root,
+                                     max_images=None if cfg.data.allow_multi_image else 1,
+                                     skip_invalid=cfg.data.skip_invalid,
+                                     allow_outside_images=cfg.data.allow_outside_images)
     with tempfile.TemporaryDirectory(prefix="cogtune-check-") as tmp:
         subset = Path(tmp) / "rows.jsonl"
         with open(subset, "w") as fh:
@@ -71,7 +77,14 @@ def main(argv: list[str]) -> int:
         print(f"check failed: {err}", file=sys.stderr)
         return 1
     dropped = last < 0.9 * first
-    print(f"overfit 8 rows: loss {first:.4f} -> {last:.4f} ({'dropped' if dropped else 'did NOT drop'})")
+    what = "8 preference pairs (DPO)" if cfg.train.method == "dpo" else "8 rows"
+    print(f"overfit {what}: loss {first:.4f} -> {last:.4f} ({'dropped' if dropped else 'did NOT drop'})")
+    if not dropped and cfg.train.method == "dpo":
+        print("check failed: the DPO loss did not drop on 8 pairs (it starts at log 2 = 0.693, policy = reference). "
+              "Likely causes: learning rate too low for this short check (DPO recipes train at ~5e-6 over many "
+              "steps; try train.learning_rate=1e-4), dpo.beta too small, or targets that do not reach the answer "
+              "tokens (see `cogtune targets`).", file=sys.stderr)
+        return 1
     if not dropped:
         print("check failed: the loss did not drop on 8 rows. Likely causes: learning rate too low, "
               "targets that do not reach the answer tokens, or labels all -100 (see `cogtune validate`). "

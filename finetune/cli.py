@@ -13,10 +13,12 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("adapters.demo", "run the tiny end-to-end demo (build, train, evaluate, merge, answer)"),
     "make-tiny": ("finetune.tiny", "write a tiny random checkpoint + offline tokenizer in the official layout"),
-    "convert": ("data_formats.convert", "convert LLaVA/ShareGPT/CogVLM-SFT/swift/OpenAI/GLM/HF data to cogtune JSONL"),
+    "convert": ("data_formats.convert", "convert LLaVA/ShareGPT/CogVLM-SFT/swift/OpenAI/GLM/HF data (and RLAIF-V / "
+                "ShareGPT preference pairs) to cogtune JSONL"),
     "validate": ("finetune.validate", "check a JSONL file against a model: every problem at once, then token lengths"),
     "preview": ("finetune.preview", "HTML page of a JSONL file: boxes drawn on the images, tokens, problems per row"),
     "train": ("finetune.recipe", "train from a recipe file or a shipped recipe's name, in this process"),
+    "launch": ("finetune.distributed", "check an accelerate config (DDP/FSDP/ZeRO), plan memory per GPU, then launch"),
     "targets": ("finetune.targets", "show which modules a recipe's LoRA targets match, and parameter counts"),
     "check": ("finetune.check", "validate recipe, data and targets, then overfit 8 rows and require the loss to drop"),
     "config": ("finetune.config", "print a recipe fully resolved, with each field's documentation"),

@@ -4,47 +4,56 @@ TRL's `DPOTrainer` does the preference work: the loss variants (`loss_type`), th
 log-probabilities (precomputed or on the fly), the reference as the base / starting adapter through
 peft (never a second full model in memory), the curves (rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracies, logps/chosen, logps/rejected), checkpointing and resume (it is a
-transformers `Trainer`). This module only adapts the inputs; two pieces of TRL are replaced, and why:
+transformers `Trainer`). The kit adapts the inputs: two pieces of TRL are replaced (they live in
+`finetune/dpo_data.py`, which does not import TRL), and why:
 
 * **Encoding.** TRL tokenizes `prompt + chosen` / `prompt + rejected` with a chat template, or, for
   vision data, through a `ProcessorMixin` whose images become `pixel_values`. A Cog sequence is
   neither: it is BOS, a span of `image_tokens` placeholders typed VISION in `token_type_ids`, then the
   prompt in the official template, then the answer + EOS, and positions follow the token types. So each
-  pair is encoded here with the kit's own processor (`CogVLMProcessor.encode`, the same one SFT and inference use;
+  pair is encoded with the kit's own processor (`CogVLMProcessor.encode`, the same one SFT and inference use;
   `last_turn_only=True`, so only the final answer is scored), and `CogDPOTrainer._prepare_dataset`
   returns the already-encoded dataset unchanged.
 * **Collation.** `PreferenceCollator` yields exactly the columns TRL's `DataCollatorForPreference`
   yields (`input_ids`, `attention_mask`, `completion_mask`, chosen rows first then rejected, plus
   `ref_chosen_logps` / `ref_rejected_logps` when precomputed) and the Cog extras `token_type_ids` and
   `images`, which TRL passes through to the model untouched. `completion_mask` is the kit's label mask
-  (answer tokens + EOS). The extras are the model's declared inputs (`model_input_names`) less those it derives
-  itself (no `position_ids`: the model derives them from the token types).
+  (answer tokens + EOS). The extras are the model's declared inputs (`model_input_names`) less those it
+  derives itself (no `position_ids`: the model derives them from the token types).
 
 Everything else is TRL's own code path: its fused LM head (`add_fused_lm_head`) calls the kit's
 backbone (`model.model`, the `base_model_prefix`) with these inputs and projects only the completion
 positions through `lm_head`, so the kit's labelled-only logits saving carries over.
+
+This module adds what an SFT run has around the trainer: the memory plan (`dpo_memory_plan`), the
+non-finite guard (`CogDPOTrainer.compute_loss` / `log`), the progress line, checkpoint manifests and
+resume, run.json, and the preference curves (`finetune.plots.plot_dpo_curves`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import json
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from data_formats.schema import Conversation, Message
-
-from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor
-
-if TYPE_CHECKING:
-    from data_formats.preference import PreferencePair
+from .dpo_data import (
+    PreferenceCollator,
+    dpo_sigmoid_loss,
+    encode_pair,
+    encode_pairs,
+    pair_conversations,
+    preference_accuracy,
+    read_pairs_or_fail,
+    sequence_logps,
+)
 
 try:  # trl is optional for SFT; importing this module without it gives a clear message at use
     from trl import DPOTrainer as _DPOTrainer
 except ImportError:  # pragma: no cover - trl is in the dev environment
     _DPOTrainer = object
-
 
 
 def _checkpointing_flag() -> str:
@@ -58,163 +67,105 @@ def _checkpointing_flag() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def pair_conversations(pair: PreferencePair) -> tuple[Conversation, Conversation]:
-    """(prompt + chosen, prompt + rejected) as two ordinary conversations."""
-    p = pair.prompt
-    turns = [Message(m.role, m.content) for m in p.messages]
-    chosen = Conversation(p.id, list(p.images), turns + [Message("assistant", pair.chosen)], p.source)
-    rejected = Conversation(p.id, list(p.images), [Message(m.role, m.content) for m in p.messages]
-                            + [Message("assistant", pair.rejected)], p.source)
-    return chosen, rejected
-
-
-def encode_pair(pair: PreferencePair, processor: CogVLMProcessor) -> dict[str, Any]:
-    """One pair -> a dataset row: chosen_/rejected_ input_ids, token_type_ids, labels, and the image refs.
-
-    Both sides are encoded by the processor with `last_turn_only=True` (whatever it was built with): the
-    labels (and so TRL's completion mask) cover the final answer and its EOS only. A side that does not fit
-    raises `RowTooLong`.
-    """
-    row: dict[str, Any] = {"id": pair.id}
-    if not processor.last_turn_only:
-        processor = processor.with_settings(last_turn_only=True)
-    for side, conv in zip(("chosen", "rejected"), pair_conversations(pair)):
-        e = processor.encode(conv)
-        row[f"{side}_input_ids"], row[f"{side}_token_type_ids"], row[f"{side}_labels"] = \
-            e.input_ids, e.token_type_ids, e.labels
-        row["image_refs"] = [str(r) for r in e.images]
-    return row
-
-
-def encode_pairs(pairs: Sequence[PreferencePair], processor: CogVLMProcessor) -> list[dict[str, Any]]:
-    """`encode_pair` for every pair (kept in order)."""
-    return [encode_pair(p, processor) for p in pairs]
-
-
-@dataclass
-class PreferenceCollator:
-    """Rows of `encode_pair` -> TRL's preference batch (chosen rows, then rejected rows) + Cog extras.
-
-    Padding, token types and image loading are the kit's `CogVLMCollator`'s (right padding).
-    """
-
-    processor: CogVLMProcessor
-
-    def __post_init__(self) -> None:
-        from .generation import generation_input_names
-
-        self._cog = CogVLMCollator(self.processor)
-        self._extras = generation_input_names(self.processor.model_input_names)
-
-    def _side(self, rows: Sequence[dict[str, Any]], side: str) -> list[dict[str, Any]]:
-        return [{"input_ids": r[f"{side}_input_ids"], "token_type_ids": r[f"{side}_token_type_ids"],
-                 "labels": r[f"{side}_labels"], "images": list(r["image_refs"])} for r in rows]
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self._cog(self._side(rows, "chosen") + self._side(rows, "rejected"))  # (2B, L)
-        out = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "completion_mask": (batch["labels"] != IGNORE_INDEX).long(),
-        }
-        for name in self._extras:  # token_type_ids, images, ...: TRL passes them to the model untouched
-            if name not in out and batch[name] is not None:
-                out[name] = batch[name]
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in rows[0]:
-                out[key] = torch.tensor([float(r[key]) for r in rows])
-        return out
-
-
 class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
-    """TRL's DPOTrainer, fed rows the kit already encoded (see the module docstring for why).
+    """TRL's DPOTrainer, fed rows the kit already encoded (see the module docstring for why), with the SFT
+    run's non-finite guard.
 
     Give it `data_collator=PreferenceCollator(...)`, a `datasets.Dataset` of `encode_pair` rows and a
     `DPOConfig` with `remove_unused_columns=False` (TRL would otherwise keep only its own column names).
+
+    The guard (as `GuardedTrainer` does for SFT, on TRL's `compute_loss`): a micro-batch whose loss is
+    NaN/inf is skipped (exact zero gradients) and counted, its metrics are dropped from the curves, and
+    more than `max_nonfinite_steps` in a row stop the run (it diverged). The logged loss is the mean over
+    the finite micro-batches of the interval.
     """
+
+    skip_nonfinite: bool = True
+    max_nonfinite_steps: int = 10
+    skipped: int = 0
+    _nonfinite_run: int = 0
+    _int_skipped: int = 0
+    _int_sum: float = 0.0
+    _int_n: int = 0
+    run_loss_sum: float = 0.0
+    run_loss_n: int = 0
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Already tokenized with Cog image spans and token types by `encode_pair`; TRL's tokenization
         # (chat template, no VISION span) must not run on it.
         return dataset
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        from .trainer import DivergedError, guard_nonfinite
 
-@torch.no_grad()
-def sequence_logps(model: torch.nn.Module, collator: PreferenceCollator, rows: Sequence[dict[str, Any]],
-                   batch_size: int = 8, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of the chosen and of the rejected answers, computed from full logits.
+        metrics = self._metrics["train"]
+        logged = {k: len(v) for k, v in metrics.items()}
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if bool(torch.isfinite(loss)):
+            self._nonfinite_run = 0
+            self._int_sum += float(loss.detach())
+            self._int_n += 1
+            return result
+        for key, values in metrics.items():  # a skipped micro-batch leaves no NaN in the curves
+            del values[logged.get(key, 0):]
+        self._int_skipped += 1
+        self._nonfinite_run += 1
+        if self._nonfinite_run > self.max_nonfinite_steps:
+            raise DivergedError(
+                f"training diverged at step {self.state.global_step}: {self._nonfinite_run} micro-batches in a row "
+                f"had a non-finite DPO loss (train.max_nonfinite_steps={self.max_nonfinite_steps}); no adapter was "
+                f"saved. Lower train.learning_rate (now {self.args.learning_rate:g}) or dpo.beta (now "
+                f"{self.args.beta:g}), and check the pairs with `cogtune validate`.")
+        if self.skip_nonfinite:
+            loss, _ = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
+            self.skipped += 1
+        return (loss, result[1]) if return_outputs else loss
 
-    Independent of TRL's fused head on purpose: tests and the proof check TRL's numbers against it.
-    `reference=True` disables the peft adapter(s) (the base model).
-    """
-    import contextlib
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and "train_loss" not in logs:  # a training log line: the finite-only mean
+            if self._int_n:
+                logs["loss"] = round(self._int_sum / self._int_n, 4)
+            else:  # every micro-batch of the interval was skipped: nothing to report as a loss
+                del logs["loss"]
+            if self._int_skipped:
+                logs["skipped_nonfinite_in_interval"] = self._int_skipped
+            logs["skipped_nonfinite"] = self.skipped
+            self.run_loss_sum += self._int_sum
+            self.run_loss_n += self._int_n
+            self._int_sum, self._int_n, self._int_skipped = 0.0, 0, 0
+            metrics = self._metrics["train"]
+            for key in [k for k, v in metrics.items() if not v]:  # emptied by skipped micro-batches: no point
+                del metrics[key]
+        super().log(logs, start_time)
 
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    ctx = model.disable_adapter() if reference and hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    try:
-        with ctx:
-            for i in range(0, len(rows), batch_size):
-                batch = collator(rows[i:i + batch_size])
-                mask = batch.pop("completion_mask")
-                for key in ("ref_chosen_logps", "ref_rejected_logps"):
-                    batch.pop(key, None)
-                device = next(model.parameters()).device
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(**batch, use_cache=False, loss_only=False).logits.float()  # (2B, L, V)
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                tok = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # (2B, L-1)
-                summed = (tok * mask[:, 1:].to(tok.device)).sum(dim=1).cpu()
-                c, r = summed.chunk(2)
-                chosen.append(c)
-                rejected.append(r)
-    finally:
-        model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    def run_train_loss(self) -> float | None:
+        """Mean DPO loss over every finite micro-batch of the run (resumed parts included)."""
+        n = self.run_loss_n + self._int_n
+        return (self.run_loss_sum + self._int_sum) / n if n else None
 
+    # ---- state that checkpoints carry beside the Trainer's own (CheckpointCallback writes it) ----
+    def run_state(self) -> dict:
+        return {"loss_sum": self.run_loss_sum + self._int_sum, "loss_count": self.run_loss_n + self._int_n,
+                "skipped_nonfinite": self.skipped}
 
-def preference_accuracy(model: torch.nn.Module, collator: PreferenceCollator, rows: Sequence[dict[str, Any]],
-                        batch_size: int = 8) -> float:
-    """Share of pairs whose chosen answer the model finds more likely than the rejected one."""
-    c, r = sequence_logps(model, collator, rows, batch_size)
-    return float((c > r).float().mean())
+    def restore_run_state(self, state: dict) -> None:
+        self.run_loss_sum, self.run_loss_n = float(state.get("loss_sum", 0.0)), int(state.get("loss_count", 0))
+        self.skipped = int(state.get("skipped_nonfinite", 0))
 
+    def _save_checkpoint(self, model, trial):
+        # TRL's version first writes a model card (README.md) into the run folder, which holds only what the kit
+        # writes (output.overwrite may remove it later); the checkpoint itself is the Trainer's.
+        from transformers import Trainer
 
-def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                     ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """The DPO loss (Rafailov et al. 2023, eq. 7) per pair, written out: -log σ(β((πc - rc) - (πr - rr)))."""
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -torch.nn.functional.logsigmoid(beta * margin)
-
-
-# ---------------------------------------------------------------------------------------------
-# A recipe run (`train.method: dpo`), called by finetune.recipe.train
-# ---------------------------------------------------------------------------------------------
-
-
-def read_pairs_or_fail(path: str, cfg: Any, log=print) -> list:
-    """Preference rows through `data_formats.preference` validation: every problem listed, or skipped rows
-    counted with `data.skip_invalid`. Raises ValueError (no traceback for the user) otherwise."""
-    from data_formats.preference import read_pairs
-
-    pairs, problems = read_pairs(path, cfg.data.image_root, max_images=None if cfg.data.allow_multi_image else 1,
-                                 check_images=True, allow_outside_images=cfg.data.allow_outside_images)
-    errors = [p for p in problems if p.level == "error"]
-    for w in (p for p in problems if p.level == "warning"):
-        log(str(w))
-    if errors and not cfg.data.skip_invalid:
-        rows = len({e.source for e in errors})
-        raise ValueError(f"{path}: {rows} preference row(s) have problems (fix them, or set data.skip_invalid: "
-                         "true to skip them):\n" + "\n".join(f"  {e}" for e in errors))
-    if errors:
-        log(f"{path}: skipped {len({e.source for e in errors})} invalid preference row(s)")
-    if not pairs:
-        raise ValueError(f"{path}: no usable preference rows")
-    return pairs
+        Trainer._save_checkpoint(self, model, trial)
 
 
-def _encode_or_skip(pairs: list, processor: CogVLMProcessor, cfg: Any, log=print) -> list[dict]:
+def _encode_or_skip(pairs: list, processor: Any, cfg: Any, log=print) -> list[dict]:
     from .models.cogvlm.processing import RowTooLong
 
     rows, too_long = [], []
@@ -225,34 +176,106 @@ def _encode_or_skip(pairs: list, processor: CogVLMProcessor, cfg: Any, log=print
             too_long.append(str(err))
     if too_long:
         log(f"skipped {len(too_long)} pair(s) longer than data.max_length={cfg.data.max_length}, e.g. {too_long[0]}")
+    cut = sum(max(r["chosen_dropped_turns"], r["rejected_dropped_turns"]) > 0 for r in rows)
+    if cut:
+        log(f"note: {cut} pair(s) drop old turns to fit data.max_length={cfg.data.max_length} (chosen and rejected "
+            "drop as many, so both answers follow the same prompt); `cogtune validate` counts them")
     if not rows:
         raise ValueError("no preference rows left after encoding; raise data.max_length")
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory plan of a DPO run
+# ---------------------------------------------------------------------------------------------
+
+
+def _adapter_numel(folder: str | Path) -> int:
+    """Parameters stored in a peft adapter folder (read from the safetensors header, no weights loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as fh:
+        return sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
+
+
+def dpo_memory_plan(cfg: Any, on_gpu: bool) -> Any:
+    """The SFT memory plan for a DPO step: the policy forward runs chosen and rejected rows together (2 sequences
+    per pair), and the reference is the same model with the adapter disabled (no second copy): a no-grad forward
+    whose one live layer sits beside the policy's saved activations, or nothing when precomputed. Continuing an
+    SFT adapter adds TRL's frozen copy of it (the "ref" adapter)."""
+    from dataclasses import replace
+
+    from . import extra_params
+    from .loading import build_meta_model, resolve_dtype
+    from .memory import _BYTES, GIB, plan_memory
+    from .targets import resolve_modules_to_save, resolve_targets, trainable_counts
+
+    meta = build_meta_model(cfg.model.checkpoint_dir)
+    _, matches, _ = resolve_targets(cfg.lora.targets, meta)
+    matched = [n for hit in matches.values() for n in hit]
+    modules, bare = extra_params.split_modules_to_save(cfg.lora.modules_to_save)
+    lora_n, full_n = trainable_counts(meta, matched, cfg.lora.r, resolve_modules_to_save(modules, meta) + bare)
+    if cfg.dpo.start_adapter:  # the starting adapter is what trains, whatever lora.* says
+        lora_n, full_n = _adapter_numel(cfg.dpo.start_adapter), 0
+    dtype_name = str(resolve_dtype(cfg.model.dtype)).replace("torch.", "")
+    in_features = sum(dict(meta.named_modules())[n].in_features for n in matched)
+    b = cfg.train.per_device_train_batch_size
+    pairs = replace(cfg, train=replace(cfg.train, per_device_train_batch_size=2 * b))
+    plan = plan_memory(meta, pairs, lora_n, full_n, dtype_name, lora_in_features=in_features, on_gpu=on_gpu)
+    plan.rows = [(name, gib, f"{basis}; {b} pair(s) = {2 * b} rows (chosen + rejected)"
+                  if name.startswith(("activations: decoder", "loss logits")) else basis)
+                 for name, gib, basis in plan.rows]
+    c, act = meta.config, _BYTES.get(dtype_name, 2)
+    if cfg.dpo.precompute_ref_log_probs:
+        plan.rows.append(("reference forward", 0.0, "precomputed in one no-grad pass before training"))
+    else:
+        layer = 2 * b * cfg.data.max_length * (10 * c.hidden_size + 4 * c.intermediate_size) * act
+        plan.rows.append(("reference forward (no grad)", layer / GIB, "adapter disabled on the same weights (no "
+                          "second model): one layer live, beside the policy's saved activations"))
+    if cfg.dpo.start_adapter:
+        plan.rows.append(("reference adapter (frozen copy)", lora_n * 4 / GIB,
+                          f"{lora_n / 1e6:.1f}M x 4 B: TRL's 'ref' copy of dpo.start_adapter"))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# A recipe run (`train.method: dpo`), called by finetune.recipe.train
+# ---------------------------------------------------------------------------------------------
+
+
 def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log=print,
               callbacks: list | None = None) -> Any:
-    """Preference-tune an adapter with TRL's DPOTrainer; same run folder, resume, adapter and run.json as SFT.
+    """Preference-tune an adapter with TRL's DPOTrainer; the SFT run's folder, plan.txt, progress line,
+    non-finite guard, checkpoints (manifest, resume), run.json, plus DPO's curves.
 
     Reference model: with `dpo.start_adapter` the starting adapter (TRL copies the adapter's weights, a few
     MB, into a frozen "ref" adapter); without it a new zero-initialised adapter, whose frozen copy equals the
     base. Either way there is one base model in memory.
     """
-    import json
-    import time
+    import os
+    import sys
 
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig
 
-    from finetune.lora import apply_lora
-
+    from .callbacks import CheckpointCallback, ProgressLineCallback
     from .data_building import processor_for_recipe
     from .fileio import write_atomic
     from .loading import load_config_and_tokenizer, load_weights
-    from .plots import plot_curves
-    from .trainer import keep_4bit_layers_trainable
+    from .lora import apply_lora
+    from .plots import plot_dpo_curves
+    from .recipe import restore_checkpoint_weights, save_emergency_checkpoint, step_warnings
+    from .run_folder import RUN_STATE
+    from .trainer import DivergedError, keep_4bit_layers_trainable, nonfinite_parameters
 
     on_gpu = torch.cuda.is_available()
+    plan: list[str] = [f"# run plan for {out} (DPO)", ""]
+    memory = dpo_memory_plan(cfg, on_gpu)  # meta device: shapes only, before any weight is loaded
+    plan.append(str(memory))
+
     config, tokenizer = load_config_and_tokenizer(cfg.model)
     processor = processor_for_recipe(cfg, config, tokenizer).with_settings(last_turn_only=True)
     template = processor.template_version
@@ -260,6 +283,8 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     eval_rows = (_encode_or_skip(read_pairs_or_fail(cfg.data.eval_path, cfg, log), processor, cfg, log)
                  if cfg.data.eval_path else None)
     log(f"dpo: {len(train_rows)} training pairs" + (f", {len(eval_rows)} held-out pairs" if eval_rows else ""))
+    for line in step_warnings(cfg, len(train_rows)):
+        log(f"warning: {line}")
 
     model = load_weights(cfg.model, cfg.quant)
     keep_4bit_layers_trainable(model)  # QLoRA: see finetune/trainer.py (eval must not repack 4-bit weights)
@@ -271,9 +296,14 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         model = PeftModel.from_pretrained(model, cfg.dpo.start_adapter, is_trainable=True)
         log(f"dpo: continuing adapter {cfg.dpo.start_adapter} (it is also the reference)")
+        plan.append(f"\nadapter: continuing {cfg.dpo.start_adapter} (its frozen copy is the reference)")
     else:
         model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                           log=lambda *_: None)
+                           log=plan.append)
+    if is_main:
+        write_atomic(out / "plan.txt", "\n".join(plan) + "\n")
+    log(f"memory plan (estimate): {memory.total_gib:.2f} GiB {'per GPU' if on_gpu else 'of CPU RAM'}; recipe, "
+        f"plan and tables in {out / 'recipe.resolved.yaml'} and {out / 'plan.txt'}")
     collator = PreferenceCollator(processor)
     before = preference_accuracy(model, collator, eval_rows) if eval_rows else None
     if before is not None:
@@ -283,6 +313,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     optim = cfg.train.optim
     if not on_gpu and optim.startswith("paged_"):
         optim = optim.removeprefix("paged_")
+    tty = sys.stderr.isatty() or os.environ.get("COGTUNE_TQDM") == "1"
     args = DPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.train.per_device_train_batch_size,
@@ -302,20 +333,46 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
         eval_strategy="steps" if eval_rows and cfg.eval.eval_steps else "no", eval_steps=cfg.eval.eval_steps or None,
         report_to=[r for r in cfg.train.report_to if r != "none"] or "none",
         remove_unused_columns=False,  # TRL would keep only its own column names; ours are the Cog encoding
-        dataloader_num_workers=cfg.data.num_workers, disable_tqdm=True,
+        dataloader_num_workers=cfg.data.num_workers, disable_tqdm=not tty,
         beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type], label_smoothing=cfg.dpo.label_smoothing,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         max_length=None,  # rows are already cut to data.max_length by the kit's encoding (whole turns only)
     )
+    progress = [] if tty or not is_main else [ProgressLineCallback(log=log)]
     trainer = CogDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                            data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
-    from transformers.trainer_callback import PrinterCallback
+                            data_collator=collator, processing_class=tokenizer,
+                            callbacks=[*progress, *(callbacks or [])])
+    trainer.skip_nonfinite = cfg.train.skip_nonfinite
+    trainer.max_nonfinite_steps = cfg.train.max_nonfinite_steps
+    if not tty:  # the one-line progress replaces transformers' raw dict printer
+        trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(CheckpointCallback(trainer))  # last: its manifest marks the checkpoint complete
+    if resume and (Path(resume) / RUN_STATE).is_file():
+        trainer.restore_run_state(json.loads((Path(resume) / RUN_STATE).read_text()))
 
-    trainer.remove_callback(PrinterCallback)  # raw metric dicts on the console; the curves go to log_history.json
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+    try:
+        if resume and 0 < cfg.train.max_steps <= done:
+            log(f"resume: {Path(resume).name} already reached train.max_steps={cfg.train.max_steps}; nothing left "
+                "to train, saving its adapter (raise train.max_steps to train longer)")
+            restore_checkpoint_weights(trainer, Path(resume))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except DivergedError:
+        raise  # its weights are not worth resuming from
+    except Exception as err:
+        saved = save_emergency_checkpoint(trainer)
+        where = (f"a resumable checkpoint was saved at {saved}; fix the cause, then rerun with --resume auto"
+                 if saved else "no step had finished, so there was nothing to save")
+        log(f"error during training at step {trainer.state.global_step}: {type(err).__name__}: {err}\n  {where}")
+        raise
     wall = time.time() - t0
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise DivergedError(f"training diverged: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]}); no adapter "
+                            f"was saved. Lower train.learning_rate (now {cfg.train.learning_rate:g}).")
     after = preference_accuracy(model, collator, eval_rows) if eval_rows else None
     if after is not None:
         log(f"held-out preference accuracy after: {after:.3f} (before {before:.3f})")
@@ -323,17 +380,20 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
         # Only the trained adapter: TRL's frozen "ref" copy is not part of the result.
         model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
         processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        run_info.finish(cfg, config, template, global_step=trainer.state.global_step,
-                        train_loss=losses[-1] if losses else None, wall_seconds=round(wall, 2),
+        train_loss = trainer.run_train_loss()
+        run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
+                        wall_seconds=round(wall, 2), skipped_nonfinite=trainer.skipped,
                         start_adapter=cfg.dpo.start_adapter, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
                         preference_accuracy_before=before, preference_accuracy_after=after)
         run_info.write(out)
         write_atomic(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-        plot_curves(trainer.state.log_history, out / "curves.png")
-        log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s)")
+        plot_dpo_curves(trainer.state.log_history, out / "curves.png", before, after)
+        log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s"
+            + (f", final DPO loss {train_loss:.4f}" if train_loss is not None else "")
+            + f", skipped non-finite micro-batches: {trainer.skipped})")
     return out
 
 
-__all__ = ["CogDPOTrainer", "PreferenceCollator", "dpo_sigmoid_loss", "encode_pair", "encode_pairs",
-           "pair_conversations", "preference_accuracy", "sequence_logps", "train_dpo"]
+__all__ = ["CogDPOTrainer", "PreferenceCollator", "dpo_memory_plan", "dpo_sigmoid_loss", "encode_pair",
+           "encode_pairs", "pair_conversations", "preference_accuracy", "read_pairs_or_fail", "sequence_logps",
+           "train_dpo"]

@@ -67,6 +67,13 @@ FAMILIES: dict[str, FamilySpec] = {
     # https://huggingface.co/THUDM/cogvlm-grounding-base-hf/blob/main/config.json
     "cogvlm-grounding-base": FamilySpec("cogvlm-grounding-base", 1, "THUDM/cogvlm-grounding-base-hf", 490, 14, "base",
                                         ("base", "chat", "vqa"), _COG1_TOKENIZER),
+    # https://huggingface.co/THUDM/cogagent-chat-hf/blob/main/config.json (224 px in the sequence; the 1120-px
+    # cross image is not in the sequence)
+    "cogagent-chat": FamilySpec("cogagent-chat", 1, "THUDM/cogagent-chat-hf", 224, 14, "chat",
+                                ("base", "chat", "chat_old", "vqa"), _COG1_TOKENIZER),
+    # https://huggingface.co/THUDM/cogagent-vqa-hf (config.json not retrieved; same architecture)
+    "cogagent-vqa": FamilySpec("cogagent-vqa", 1, "THUDM/cogagent-vqa-hf", 224, 14, "vqa",
+                               ("base", "chat", "chat_old", "vqa"), _COG1_TOKENIZER),
     # https://huggingface.co/THUDM/cogvlm2-llama3-chat-19B/blob/main/config.json
     "cogvlm2-llama3-chat-19b": FamilySpec("cogvlm2-llama3-chat-19b", 2, "THUDM/cogvlm2-llama3-chat-19B", 1344, 14,
                                           "chat", ("base", "chat", "vqa"), _COG2_TOKENIZER),

@@ -86,6 +86,7 @@ def generate_answers(
     batch_size: int = 8,
     stream: Any = None,
     progress: Any = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy answers to the last user turn of each conversation (a trailing reference answer is ignored).
 
@@ -95,6 +96,8 @@ def generate_answers(
     Rows are sorted by length so a batch holds similar lengths (less padding); answers come back in input
     order. `stream`: a transformers streamer (e.g. `TextStreamer`); streamers take one row, so generation then
     runs one conversation at a time. `progress`: called with the number of rows finished after each batch.
+    `synced`: every rank of a sharded model (FSDP, ZeRO-3) generates together; ranks whose rows are finished
+    keep stepping until all are (each forward gathers weights from every rank).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,7 +120,7 @@ def generate_answers(
             width = inputs["input_ids"].shape[1]
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=stops, pad_token_id=pad, streamer=stream,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, synced_gpus=synced)
             for row, i in enumerate(idx):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))

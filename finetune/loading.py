@@ -65,8 +65,8 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file}: expected a JSON object, found {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in (None, "cogvlm") or not isinstance(cfg.get("vision_config"), dict):
-        kind = f"model_type {model_type!r}" if model_type not in (None, "cogvlm") else "no vision_config"
+    if model_type not in (None, "cogvlm", "cogagent") or not isinstance(cfg.get("vision_config"), dict):
+        kind = f"model_type {model_type!r}" if model_type not in (None, "cogvlm", "cogagent") else "no vision_config"
         arch = ", ".join(cfg.get("architectures") or []) or "?"
         raise CheckpointError(f"{cfg_file}: {kind} (architectures: {arch}): not a CogVLM/CogVLM2 image checkpoint. "
                               "Point model.checkpoint_dir (or --model/--base) at a CogVLM or CogVLM2 folder.")

@@ -19,6 +19,9 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # in 8 bits with an fp32 scale per 256 blocks.
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
+# How several GPUs share the training state (finetune/distributed.py ships one accelerate config per engine).
+_ENGINES = ("none", "ddp", "zero2", "zero2-offload", "zero3", "zero3-offload", "fsdp", "fsdp-offload")
+_WRAP_UNITS = ("CogVLMDecoderLayer", "TransformerLayer")  # the FSDP configs' auto-wrap classes
 
 
 @dataclass
@@ -47,13 +50,23 @@ def quantized_weight_names(model) -> set[str]:
 
 
 def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name: str,
-                lora_in_features: int = 0, on_gpu: bool = True) -> MemoryPlan:
+                lora_in_features: int = 0, on_gpu: bool = True, world: int = 1, engine: str = "none") -> MemoryPlan:
     """Estimate peak training memory for `cfg` on `model` (real or meta device; only shapes are read).
 
     `lora_in_features`: summed input width of the LoRA-wrapped linears; with lora_dropout > 0 peft keeps each
     one's dropped-out input for backward (measured: about a third of the activations, docs/benchmarks.md).
     `on_gpu=False`: a CPU run's plan (host memory, no CUDA context).
+    `world`, `engine`: the number of GPUs and how they share the state (docs/distributed.md): none/ddp keep
+    everything on every GPU; zero2 shards gradients and optimizer state; zero3/fsdp shard weights too and
+    gather one wrap unit (decoder or vision layer) at a time; *-offload keep the sharded state in CPU RAM.
     """
+    if engine not in _ENGINES:
+        raise ValueError(f"engine {engine!r}: use one of {', '.join(_ENGINES)}")
+    n = max(1, int(world)) if engine != "none" else 1
+    shard_weights = engine.startswith(("zero3", "fsdp"))
+    shard_state = engine.startswith(("zero", "fsdp"))
+    offload = engine.endswith("-offload")
+    host: list[str] = []  # what an offload engine keeps in CPU RAM instead
     c = model.config
     act = _BYTES.get(dtype_name, 2)
     quant = cfg.quant.mode
@@ -73,22 +86,50 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         else:
             other_params += p.numel()
     rows: list[tuple[str, float, str]] = []
+    # sharded weights: 1/n per GPU (none with offload: the shard lives in CPU RAM and streams in per unit)
+    w_share, w_note = (1.0, "") if not shard_weights else ((0.0, f", 1/{n} shard in CPU RAM") if offload
+                                                           else (1 / n, f", 1/{n} shard"))
+    qb = 0.0
     if quant in ("nf4", "fp4"):
         qb = _NF4_BYTES[cfg.quant.bnb_4bit_use_double_quant]
-        rows.append(("weights: LM linears (4-bit)", quant_params * qb / GIB,
-                     f"{quant_params / 1e9:.2f}B x {qb:.3f} B"))
+        rows.append(("weights: LM linears (4-bit)", quant_params * qb * w_share / GIB,
+                     f"{quant_params / 1e9:.2f}B x {qb:.3f} B{w_note}"))
     elif quant == "int8":
-        rows.append(("weights: LM linears (int8)", quant_params * 1.0 / GIB, f"{quant_params / 1e9:.2f}B x 1 B"))
-    rows.append((f"weights: rest ({dtype_name})", other_params * act / GIB, f"{other_params / 1e9:.2f}B x {act} B"))
+        qb = 1.0
+        rows.append(("weights: LM linears (int8)", quant_params * 1.0 * w_share / GIB,
+                     f"{quant_params / 1e9:.2f}B x 1 B{w_note}"))
+    rows.append((f"weights: rest ({dtype_name})", other_params * act * w_share / GIB,
+                 f"{other_params / 1e9:.2f}B x {act} B{w_note}"))
     if cached:
         rows.append(("weights: vision tower (feature cache)", 0.0, f"{released / 1e9:.2f}B released: every image "
                      "is cached before training"))
+    if offload and shard_weights:
+        host.append(f"weights {(quant_params * qb + other_params * act) / n / GIB:.2f}")
+    if shard_weights:
+        unit, tail = _largest_unit_bytes(model, act, qb if quant != "none" else 0.0, quantized)
+        rows.append(("weights: gathered units", max(2 * unit, tail + unit) / GIB,
+                     f"max(2 wrap units (the running one + the prefetched one) of {unit / GIB:.2f} GiB, lm_head+norm "
+                     f"{tail / GIB:.2f} GiB + 1 unit), whole, while they run"))
     state = 2 if "8bit" in cfg.train.optim else 8
+    trainable = trainable_lora + trainable_full
     per = 4 + 4 + state  # fp32 weight + grad + optimizer state
-    rows.append(("trainable: weights+grads+optimizer", (trainable_lora + trainable_full) * per / GIB,
-                 f"{(trainable_lora + trainable_full) / 1e6:.1f}M x {per} B ({cfg.train.optim})"))
+    if not shard_state:
+        rows.append(("trainable: weights+grads+optimizer", trainable * per / GIB,
+                     f"{trainable / 1e6:.1f}M x {per} B ({cfg.train.optim})"))
+        if engine == "ddp":
+            rows.append(("trainable: DDP gradient buckets", trainable * 4 / GIB, "a second fp32 gradient copy"))
+    else:
+        weight = 0 if offload and shard_weights else (4 / n if shard_weights else 4)
+        on_gpu_bytes = weight + (0 if offload else (4 + state) / n)
+        what = ((f"weight/{n}" if weight and shard_weights else "weight" if weight else "weight shard")
+                + (" + grads+optimizer in CPU RAM" if offload else f" + (grad + optimizer)/{n}"))
+        rows.append(("trainable: weights+grads+optimizer", trainable * on_gpu_bytes / GIB,
+                     f"{trainable / 1e6:.1f}M x {on_gpu_bytes:.2f} B ({what}; {cfg.train.optim})"))
+        if offload:
+            host.append(f"grads+optimizer {trainable * (4 + state) / n / GIB:.2f}")
     if trainable_full:
-        rows.append(("modules_to_save: frozen copies", trainable_full * act / GIB, "peft keeps the original"))
+        rows.append(("modules_to_save: frozen copies", trainable_full * act * w_share / GIB,
+                     "peft keeps the original" + w_note))
 
     b, seq = cfg.train.per_device_train_batch_size, cfg.data.max_length
     h, i, n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
@@ -143,6 +184,29 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
         decoder = sum(g for name, g, _ in rows if name.startswith(("activations", "loss"))) * GIB
         rows.append(("activations: vision tower", max(0.0, vision_layer - decoder) / GIB,
                      f"frozen: one layer live ({vision_layer / GIB:.2f} GiB) before the decoder runs"))
+    if hasattr(c, "cross_vision_config"):  # CogAgent's high-res cross branch
+        from .models.cogagent.configuration import cross_memory_rows
+
+        rows += cross_memory_rows(c, list(cfg.lora.targets), b, act, gc)
     if on_gpu:
         rows.append(("CUDA context + allocator slack", _CUDA_OVERHEAD_GIB, "fixed"))
-    return MemoryPlan(rows, "per GPU" if on_gpu else "CPU RAM")
+    if host:
+        rows.append(("offloaded (CPU RAM, not on the GPU)", 0.0, "per process, GiB: " + ", ".join(host)))
+    where = "per GPU" if on_gpu else "CPU RAM"
+    if engine != "none":
+        where += f", {engine} x{n}"
+    return MemoryPlan(rows, where)
+
+
+def _largest_unit_bytes(model, act: int, quant_bytes: float, quantized: set[str]) -> tuple[float, float]:
+    """(largest FSDP/ZeRO-3 wrap unit: one decoder or vision layer, whole; lm_head + final norm) in bytes."""
+    unit = 0.0
+    for name, module in model.named_modules():
+        if type(module).__name__ in _WRAP_UNITS:
+            size = 0.0
+            for pname, p in module.named_parameters():
+                full = f"{name}.{pname}"
+                size += p.numel() * (quant_bytes if full in quantized else act)
+            unit = max(unit, size)
+    tail = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("lm_head.", "model.norm."))) * act
+    return unit, tail

@@ -158,6 +158,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         optim = optim.removeprefix("paged_")
         log(f"note: paged optimizers need a GPU; {cfg.train.optim} runs as {optim} on CPU")
     tty = sys.stderr.isatty() or os.environ.get("COGTUNE_TQDM") == "1"
+    from .distributed import ConsolidatedAdapterCallback, enable_fsdp_on_cpu, save_adapter
+
+    enable_fsdp_on_cpu()  # accelerate keeps FSDP for GPUs; on CPU processes (gloo) torch's FSDP2 runs as well
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.train.per_device_train_batch_size,
@@ -205,6 +208,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         trainer.add_callback(ExtraParamsCallback(model, extra))
         if resume:  # the Trainer restores the peft adapter; bare parameters come from their own file
             extra_params.apply(model, extra_params.read(resume))
+    trainer.add_callback(ConsolidatedAdapterCallback(model))  # sharded runs: the adapter as one file per checkpoint
     trainer.add_callback(CheckpointCallback(trainer))  # last: its manifest marks the checkpoint complete
     if resume and (Path(resume) / RUN_STATE).is_file():  # loss sums and counters of the part already trained
         trainer.restore_run_state(json.loads((Path(resume) / RUN_STATE).read_text()))
@@ -243,9 +247,8 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     train_loss = trainer.run_train_loss()
 
     # ---- Save ----
+    save_adapter(model, out / "adapter", extra, is_main)  # every rank: sharded weights are gathered first
     if is_main:
-        model.save_pretrained(str(out / "adapter"))
-        extra_params.save(model, extra, out / "adapter")
         processor.save_pretrained(out / "adapter")  # tokenizer + processor_config.json
         run_info.finish(cfg, config, template, global_step=trainer.state.global_step, train_loss=train_loss,
                         train_loss_tokens=trainer.run_loss_tokens + int(trainer._int_tokens),

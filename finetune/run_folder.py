@@ -67,7 +67,9 @@ def checkpoint_problem(folder: str | Path, need_manifest: bool = True) -> str | 
                 return f"{name} differs from the checksum recorded when it was saved"
     elif need_manifest:
         return f"no {MANIFEST}: the save was interrupted (or the checkpoint predates it)"
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    # FSDP checkpoints hold the optimizer state as a sharded folder (resumable on another number of GPUs)
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()
+               and not (name == "optimizer.pt" and (folder / "optimizer_0").is_dir())]
     if missing:
         return f"{', '.join(missing)} missing (resuming would restart the optimizer or the schedule)"
     for weights in sorted(folder.glob("*.safetensors")):
@@ -199,8 +201,8 @@ class RunInfo:
 
 # Names a run of the kit writes into output.dir (and their temporary forms); nothing else is ever removed.
 _KIT_NAMES = re.compile(
-    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|"
-    r"eval_predictions_step\d+\.jsonl)(\..*)?")
+    r"\.?(checkpoint-\d+|adapter|runs|run\.json|recipe\.resolved\.yaml|plan\.txt|curves\.png|log_history\.json|"
+    r"eval_predictions_step\d+\.jsonl|eval_report_step\d+\.html)(\..*)?")
 
 
 def kit_owned(entry: Path) -> bool:
@@ -278,7 +280,7 @@ def prepare_run_folder(cfg: RunConfig, out: Path, log=print, clear: bool = True)
 
 # Sections whose change makes a checkpoint belong to another experiment (train.* may change on resume,
 # e.g. max_steps to train longer).
-_RESUME_SECTIONS = ("model", "data", "lora", "quant")
+_RESUME_SECTIONS = ("model", "data", "lora", "quant", "dpo")
 
 
 def check_same_recipe(saved: Path, cfg: RunConfig) -> None:

@@ -37,6 +37,9 @@ class TargetSpec:
     components: list[tuple[str, str]] = field(default_factory=list)
     gradient_free_in_last_layer: str = ""
     refused: dict[str, str] = field(default_factory=dict)  # target names refused, with the reason
+    # Prefix (pattern) of a stack of numbered blocks whose LAST block is built but never run (CogAgent's cross
+    # tower): LoRA there could never train either. "" when there is none.
+    never_run_last_block: str = ""
 
 
 def spec_of(model: Any) -> TargetSpec:
@@ -78,14 +81,15 @@ def gradient_free(names: Iterable[str], spec: TargetSpec) -> list[str]:
     at image positions, and those are always labelled -100 (attention reads the layer's *input*).
     """
     names = list(names)
-    if not spec.gradient_free_in_last_layer:
-        return []
+    patterns = []
     layers = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
-    if not layers:
-        return []
-    last = max(layers)
-    dead = rf"model\.layers\.{last}\.(?:{spec.gradient_free_in_last_layer})"
-    return [n for n in names if re.fullmatch(dead, n)]
+    if spec.gradient_free_in_last_layer and layers:
+        patterns.append(rf"model\.layers\.{max(layers)}\.(?:{spec.gradient_free_in_last_layer})")
+    blocks = [int(m.group(1)) for n in names if spec.never_run_last_block
+              and (m := re.match(spec.never_run_last_block + r"(\d+)\.", n))]
+    if blocks:
+        patterns.append(spec.never_run_last_block + rf"{max(blocks)}\..*")
+    return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
 
 
 def resolve_targets(targets: Iterable[str], model: Any) -> tuple[str, dict[str, list[str]], list[str]]:
@@ -189,8 +193,8 @@ def trainable_counts(model, matched: Iterable[str], r: int, modules_to_save: Ite
     return lora, full
 
 
-def memory_plan_for(model, cfg, matched: list[str]):
-    """The recipe's memory plan (finetune/memory.py) for this model's shapes."""
+def memory_plan_for(model, cfg, matched: list[str], world: int = 1, engine: str = "none"):
+    """The recipe's memory plan (finetune/memory.py) for this model's shapes, on `world` GPUs under `engine`."""
     from finetune.loading import resolve_dtype
     from finetune.memory import plan_memory
 
@@ -203,7 +207,7 @@ def memory_plan_for(model, cfg, matched: list[str]):
         dtype = "bfloat16"  # what a GPU run uses; CPU runs are fp32 and far from memory limits
     modules = dict(model.named_modules())
     in_features = sum(modules[n].in_features for n in matched)
-    return plan_memory(model, cfg, lora, full, dtype, lora_in_features=in_features)
+    return plan_memory(model, cfg, lora, full, dtype, lora_in_features=in_features, world=world, engine=engine)
 
 
 def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> str:
@@ -215,7 +219,8 @@ def match_report(matches: dict[str, list[str]], skipped: Iterable[str] = ()) -> 
     skipped = list(skipped)
     if skipped:
         lines.append(f"  skipped {len(skipped)} module(s) that can never train (last layer's vision-expert dense/MLP "
-                     f"only feed image-position logits, which carry no loss): {', '.join(skipped)}")
+                     f"only feed image-position logits, which carry no loss; CogAgent's last cross-tower block is "
+                     f"never run): {', '.join(skipped)}")
     return "\n".join(lines)
 
 
@@ -227,9 +232,16 @@ def linear_module_names(model) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """`cogtune targets RECIPE [k=v ...]`: matched modules and parameter table, on a meta-device model."""
+    """`cogtune targets RECIPE [k=v ...] [--gpus N --engine fsdp]`: matched modules, parameter table and the
+    per-GPU memory plan, on a meta-device model."""
     from finetune.config import parse_recipe_args
+    from finetune.distributed import split_plan_args
 
+    try:
+        argv, world, engine = split_plan_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _, cfg = parse_recipe_args(argv, "cogtune targets", "show what a recipe's LoRA targets match")
     from finetune.loading import build_meta_model
 
@@ -249,5 +261,5 @@ def main(argv: list[str]) -> int:
 
     modules, params = split_modules_to_save(cfg.lora.modules_to_save)
     print(parameter_table(model, matched, cfg.lora.r, resolve_modules_to_save(modules, model) + params))
-    print(memory_plan_for(model, cfg, matched))
+    print(memory_plan_for(model, cfg, matched, world=world, engine=engine))
     return 0

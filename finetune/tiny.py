@@ -12,7 +12,7 @@ from typing import Any
 
 from .models.cogvlm.configuration import CogVLMConfig
 
-FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2, "cogvlm2-video": 2}
+FAMILY_VERSIONS = {"cogvlm": 1, "cogvlm2": 2, "cogagent": 1, "cogvlm2-video": 2}
 # Families that differ from their version's default only by config fields (docs/architecture.md §21).
 FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {"cogvlm2-video": {"architectures": ["CogVLMVideoForCausalLM"]}}
 
@@ -79,8 +79,10 @@ def tiny_config(version: int, **overrides: Any) -> CogVLMConfig:
     return CogVLMConfig(**kwargs)
 
 
-def make_tiny(version: int, out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a random tiny checkpoint + tokenizer to `out_dir` in the official layout; returns the folder."""
+def make_tiny(version: int, out_dir: str | Path, seed: int = 0, family: str | None = None, **overrides: Any) -> Path:
+    """Write a random tiny checkpoint + tokenizer to `out_dir` in the official layout; returns the folder.
+
+    `family="cogagent"` writes a tiny CogAgent (CogVLM1 tokenizer, 56-px cross images)."""
     import torch
     from transformers import GenerationConfig
 
@@ -89,9 +91,17 @@ def make_tiny(version: int, out_dir: str | Path, seed: int = 0, **overrides: Any
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(version, **overrides)
+    model_class: Any
+    if family == "cogagent":
+        from .models.cogagent.configuration import tiny_cogagent_config
+        from .models.cogagent.modeling import CogAgentForCausalLM
+
+        config, model_class = tiny_cogagent_config(_special_ids(version), **overrides), CogAgentForCausalLM
+    else:
+        config = tiny_config(version, **overrides)
+        model_class = model_class_for(config)  # the family's class (CogVLM2-Video: no vision experts)
     torch.manual_seed(seed)
-    model = model_class_for(config)(config).eval()  # the family's class (CogVLM2-Video: no vision experts)
+    model = model_class(config).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = make_tiny(FAMILY_VERSIONS[args.family], args.out, seed=args.seed, image_size=args.image_size,
-                         **FAMILY_OVERRIDES.get(args.family, {}))
+                         family=args.family, **FAMILY_OVERRIDES.get(args.family, {}))
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote tiny {args.family} checkpoint to {path}")

@@ -112,6 +112,9 @@ class GuardedTrainer(Trainer):
         """Train-loss lines get the finite-only loss, tokens/s (smoothed, eval time left out) and memory,
         before the callbacks (console, TensorBoard) see them."""
         if "loss" in logs and "train_loss" not in logs:
+            from .distributed import sum_across_ranks  # every rank logs here: the interval's loss over all ranks
+
+            self._int_sum, self._int_tokens = sum_across_ranks([float(self._int_sum), int(self._int_tokens)])
             tokens = int(self._int_tokens)
             if tokens:
                 logs["loss"] = round(float(self._int_sum) / tokens, 4)
@@ -151,6 +154,13 @@ class GuardedTrainer(Trainer):
             logs["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         if self.skipped_images is not None:
             logs["skipped_images"] = self.skipped_images.value
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from .distributed import load_consolidated_adapter
+
+        # an FSDP checkpoint resumed without FSDP (fewer GPUs): its consolidated adapter, not the shards
+        if self.is_fsdp_enabled or not load_consolidated_adapter(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # ---- state that checkpoints carry beside the Trainer's own ----
     def run_state(self) -> dict:

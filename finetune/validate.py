@@ -7,7 +7,9 @@ dropped) or drop. Exit code 1 when any row has an error, 0 otherwise; bad data n
 `--model` is a checkpoint folder (config.json + tokenizer) or a family name from
 `finetune/families.py`. Token lengths need a tokenizer: a family name alone (or a CogVLM1 folder,
 which ships none) gives the structural checks and image-token counts; add `--tokenizer-dir`.
-Training calls `load_and_validate`, which applies the same checks.
+Training calls `load_and_validate`, which applies the same checks. A file of preference rows
+(`chosen` / `rejected`, for DPO) gets the same checks as pairs, and the token lengths of prompt+chosen and
+prompt+rejected (`finetune/dpo_data.py`).
 """
 
 from __future__ import annotations
@@ -235,10 +237,12 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
     folder = Path(model)
     if folder.is_dir():
         from finetune.loading import read_checkpoint_config
-        from finetune.models.cogvlm.configuration import CogVLMConfig
+        from finetune.models import config_class, family_of, processor_class
 
         try:  # the same check as every other verb: a CogVLM/CogVLM2 config.json, not any model's
-            cfg = CogVLMConfig(**read_checkpoint_config(folder))
+            raw = read_checkpoint_config(folder)
+            family = family_of(raw, f"{folder}/config.json")
+            cfg = config_class(family)(**raw)
         except (OSError, TypeError, ValueError) as exc:
             raise ValueError(f"--model {model}: {exc}") from None
         info = ModelInfo(str(folder), cfg.cogvlm_version, cfg.image_tokens, template or cfg.template_version,
@@ -250,9 +254,7 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
         except (OSError, ValueError) as exc:  # TokenizerNotFoundError and id mismatches
             info.tokenizer_note = str(exc)
         if info.tokenizer is not None:
-            from finetune.models import processor_class_for
-
-            info.processor = processor_class_for(cfg).from_config(cfg, info.tokenizer, template_version=template)
+            info.processor = processor_class(family).from_config(cfg, info.tokenizer, template_version=template)
         return info
     from finetune.families import FAMILIES, get_family
 
@@ -274,7 +276,8 @@ def resolve_model(model: str, tokenizer_dir: str | None, template: str | None) -
 
             cls = processor_class(MODEL_FAMILIES["cogvlm2_video" if info.video else "cogvlm"])
             info.processor = cls(info.tokenizer, image_tokens=spec.image_tokens, image_size=spec.image_size,
-                                 template_version=info.template_version)
+                                 template_version=info.template_version,
+                                 prompt_table="cogagent" if model.startswith("cogagent") else "cogvlm")
     else:
         info.tokenizer_note = (f"{model} is a family name and no --tokenizer-dir was given; pass --tokenizer-dir, or "
                               f"a checkpoint folder as --model. {spec.tokenizer_note}")
@@ -350,8 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogtune validate: {exc}", file=sys.stderr)
         return 2
     max_images = None if args.max_images <= 0 else args.max_images
-    convs, report = check_file(args.data, image_root=args.image_root, max_images=max_images,
-                               check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
+    check, tokens = check_file, token_report
+    from data_formats.preference import is_preference_file
+
+    if is_preference_file(args.data):  # rows with chosen/rejected: checked as preference pairs (DPO)
+        from finetune.dpo_data import check_pair_file as check
+        from finetune.dpo_data import pair_token_report as tokens
+    convs, report = check(args.data, image_root=args.image_root, max_images=max_images,
+                          check_images=not args.no_decode, allow_outside_images=args.allow_outside_images)
     lines: list[str] = []
     sampling = None
     if info.video:
@@ -359,14 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.models.cogvlm2_video.video import FrameSampling
 
         sampling = FrameSampling.for_template(info.template_version, args.num_frames, args.fps)
-        lines += video_report_lines(report.videos, sampling, info.image_tokens)
+        lines += video_report_lines(getattr(report, "videos", {}), sampling, info.image_tokens)
         if info.processor is not None:  # a video row's length depends on the frames the sampling keeps (§21)
             info.processor = info.processor.with_settings(num_frames=sampling.num_frames, fps=sampling.fps)
     if info.tokenizer is not None and convs:
-        token_lines, encode_problems = token_report(convs, info, args.max_length, max_images)
+        token_lines, encode_problems = tokens(convs, info, args.max_length, max_images)
         lines += token_lines
         report.problems.extend(encode_problems)
-        report.valid -= len(encode_problems)
+        report.valid -= sum(p.level == "error" for p in encode_problems)
     report.problems.sort(key=lambda p: _line_of(p.source))
     for problem in report.problems:
         print(problem)

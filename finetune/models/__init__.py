@@ -30,6 +30,9 @@ FAMILIES: dict[str, Family] = {
     "cogvlm": Family("cogvlm", "finetune.models.cogvlm.configuration:CogVLMConfig",
                      "finetune.models.cogvlm.modeling:CogVLMForCausalLM",
                      "finetune.models.cogvlm.processing:CogVLMProcessor"),
+    "cogagent": Family("cogagent", "finetune.models.cogagent.configuration:CogAgentConfig",
+                       "finetune.models.cogagent.modeling:CogAgentForCausalLM",
+                       "finetune.models.cogagent.processing:CogAgentProcessor"),
     "cogvlm2_video": Family("cogvlm2_video", "finetune.models.cogvlm2_video.configuration:CogVLMVideoConfig",
                             "finetune.models.cogvlm2_video.modeling:CogVLMVideoForCausalLM",
                             "finetune.models.cogvlm2_video.processing:CogVLMVideoProcessor"),
@@ -37,6 +40,7 @@ FAMILIES: dict[str, Family] = {
 # config.json `architectures[0]` -> family name
 ARCHITECTURES: dict[str, str] = {
     "CogVLMForCausalLM": "cogvlm",
+    "CogAgentForCausalLM": "cogagent",
     "CogVLMVideoForCausalLM": "cogvlm2_video",
 }
 DEFAULT_FAMILY = "cogvlm"  # config.json without `architectures` (hand-written tiny configs): CogVLM / CogVLM2
@@ -71,16 +75,16 @@ def processor_class(family: Family) -> type:
     return _load(family.processor_class)
 
 
-def processor_class_for(config: Any) -> type:
-    """The processor class of a config object (its family's)."""
-    return processor_class(family_of(config))
-
-
 def load_config(checkpoint_dir: str | Path) -> Any:
     """The config object of a checkpoint folder, of its family's class (no weights read)."""
     path = Path(checkpoint_dir)
     raw = json.loads((path / "config.json").read_text())
     return config_class(family_of(raw, f"{path}/config.json")).from_pretrained(str(path), local_files_only=True)
+
+
+def processor_class_for(config: Any) -> type:
+    """The processor class of a config object (or config.json dict)."""
+    return processor_class(family_of(config))
 
 
 def model_class_for(config: Any) -> type:

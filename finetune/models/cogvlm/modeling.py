@@ -320,7 +320,10 @@ class PatchEmbedding(nn.Module):
         x = self.proj(images).flatten(2).transpose(1, 2)  # (N, g*g, D) row-major patches
         cls = self.cls_embedding.to(x.dtype).expand(x.shape[0], -1, -1)  # (N, 1, D)
         x = torch.cat((cls, x), dim=1)  # (N, g*g+1, D)
-        return x + self.position_embedding.weight.to(x.dtype)[None]  # whole table added (§5.1)
+        # whole table added (§5.1), read through the embedding's own forward: under ZeRO-3 a module's weight is
+        # gathered only while that module runs (reading `.weight` here would see an empty partition)
+        table = self.position_embedding(torch.arange(self.position_embedding.num_embeddings, device=x.device))
+        return x + table.to(x.dtype)[None]
 
 
 class VisionAttention(nn.Module):
@@ -880,6 +883,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             inputs_embeds=inputs_embeds,
+            **kwargs,  # family-specific inputs (CogAgent's cross_images)
         )
         hidden_states = outputs.last_hidden_state  # (B, L, H)
         cache = {CACHE_NAME: getattr(outputs, CACHE_NAME)}

@@ -1,0 +1,1 @@
+"""CogAgent (cogagent-chat-hf, cogagent-vqa-hf): CogVLM1 plus a high-resolution cross-attention branch."""
