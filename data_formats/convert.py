@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     if conv is not None:
                         canonical = conv.to_json()
                         canonical["images"] = [_portable(r, out_dir) for r in conv.images]
-                        if conv.videos:
+                        if getattr(conv, "videos", None):  # preference pairs carry no video
                             canonical["videos"] = [_portable(r, out_dir) for r in conv.videos]
                         outside += sum(1 for r in canonical["images"] if os.path.isabs(r))
                         if "boxes" in row:  # keep `<box>` markers and the boxes as given (pixel boxes stay exact)
