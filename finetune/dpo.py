@@ -33,7 +33,6 @@ resume, run.json, and the preference curves (`finetune.plots.plot_dpo_curves`).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +266,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     from .loading import load_config_and_tokenizer, load_weights
     from .lora import apply_lora
     from .plots import plot_dpo_curves
-    from .recipe import restore_checkpoint_weights, save_emergency_checkpoint, step_warnings
+    from .recipe import run_training, step_warnings
     from .run_folder import RUN_STATE
     from .trainer import DivergedError, keep_4bit_layers_trainable, nonfinite_parameters
 
@@ -351,24 +350,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
     if resume and (Path(resume) / RUN_STATE).is_file():
         trainer.restore_run_state(json.loads((Path(resume) / RUN_STATE).read_text()))
 
-    t0 = time.time()
-    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
-    try:
-        if resume and 0 < cfg.train.max_steps <= done:
-            log(f"resume: {Path(resume).name} already reached train.max_steps={cfg.train.max_steps}; nothing left "
-                "to train, saving its adapter (raise train.max_steps to train longer)")
-            restore_checkpoint_weights(trainer, Path(resume))
-        else:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except DivergedError:
-        raise  # its weights are not worth resuming from
-    except Exception as err:
-        saved = save_emergency_checkpoint(trainer)
-        where = (f"a resumable checkpoint was saved at {saved}; fix the cause, then rerun with --resume auto"
-                 if saved else "no step had finished, so there was nothing to save")
-        log(f"error during training at step {trainer.state.global_step}: {type(err).__name__}: {err}\n  {where}")
-        raise
-    wall = time.time() - t0
+    wall = run_training(trainer, cfg, resume, log)
     bad = nonfinite_parameters(model)
     if bad:
         raise DivergedError(f"training diverged: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]}); no adapter "

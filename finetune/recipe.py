@@ -221,25 +221,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
                                                       weight_decay=cfg.train.weight_decay)
 
     # ---- Train ----
-    t0 = time.time()
-    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
-    try:
-        if resume and 0 < cfg.train.max_steps <= done:
-            # the Trainer would run one more step past max_steps; there is nothing left to train
-            log(f"resume: {Path(resume).name} already reached train.max_steps={cfg.train.max_steps}; nothing left "
-                "to train, saving its adapter (raise train.max_steps to train longer)")
-            restore_checkpoint_weights(trainer, Path(resume))
-        else:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except DivergedError:
-        raise  # its weights are not worth resuming from
-    except Exception as err:
-        saved = save_emergency_checkpoint(trainer)
-        where = (f"a resumable checkpoint was saved at {saved}; fix the cause, then rerun with --resume auto"
-                 if saved else "no step had finished, so there was nothing to save")
-        log(f"error during training at step {trainer.state.global_step}: {type(err).__name__}: {err}\n  {where}")
-        raise
-    wall = time.time() - t0
+    wall = run_training(trainer, cfg, resume, log)
     bad = nonfinite_parameters(model)
     if bad:
         raise DivergedError(f"training diverged: {len(bad)} trained tensors hold NaN/inf (e.g. {bad[0]}); no adapter "
@@ -293,6 +275,35 @@ def save_emergency_checkpoint(trainer) -> Path | None:
         print(f"warning: could not save a checkpoint after the error: {err}", file=sys.stderr)
         return None
     return folder if checkpoint_problem(folder) is None else None
+
+
+def run_training(trainer, cfg: RunConfig, resume, log=print) -> float:
+    """`trainer.train()` with the kit's resume and failure rules (SFT and DPO alike); returns the wall seconds.
+
+    A checkpoint that already reached `train.max_steps` is restored, not trained one step further (the Trainer
+    would run one more step past max_steps); an unexpected error first saves the last finished step as a
+    resumable checkpoint; a diverged run (`DivergedError`) saves nothing.
+    """
+    from .trainer import DivergedError
+
+    t0 = time.time()
+    done = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+    try:
+        if resume and 0 < cfg.train.max_steps <= done:
+            log(f"resume: {Path(resume).name} already reached train.max_steps={cfg.train.max_steps}; nothing left "
+                "to train, saving its adapter (raise train.max_steps to train longer)")
+            restore_checkpoint_weights(trainer, Path(resume))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except DivergedError:
+        raise  # its weights are not worth resuming from
+    except Exception as err:
+        saved = save_emergency_checkpoint(trainer)
+        where = (f"a resumable checkpoint was saved at {saved}; fix the cause, then rerun with --resume auto"
+                 if saved else "no step had finished, so there was nothing to save")
+        log(f"error during training at step {trainer.state.global_step}: {type(err).__name__}: {err}\n  {where}")
+        raise
+    return time.time() - t0
 
 
 def step_warnings(cfg: RunConfig, rows: int | None, world: int = 1) -> list[str]:
