@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .fileio import write_atomic
 
 
 def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
@@ -33,13 +34,7 @@ def plot_curves(log_history: list[dict], path: str | Path) -> Path | None:
     ax2.set_xlabel("step")
     ax2.set_ylabel("learning rate")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def plot_dpo_curves(log_history: list[dict], path: str | Path, before: float | None = None,
@@ -88,10 +83,18 @@ def plot_dpo_curves(log_history: list[dict], path: str | Path, before: float | N
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
     return drawn
+
+
+def _save(fig, path: str | Path) -> Path:
+    """The figure as a PNG, written atomically with the kit's file mode (finetune/fileio.py)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
