@@ -145,8 +145,15 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     # (docs/architecture.md §21).
     frames = 1 if getattr(c, "vision_expert", True) else (cfg.data.num_frames or 24)
     answer = max(1, seq - frames * c.image_tokens) * b  # label positions at most: the text part of each row
-    logits = answer * c.vocab_size * 4 * 3
-    logits_basis = f"<= {answer} positions x V={c.vocab_size} x fp32 x 3 (logits, softmax, grad)"
+    # A plain lm_head runs through linear_cross_entropy: one (N, V) fp32 buffer (the chunks' exponentials) lives
+    # from the loss to its backward. A wrapped head (LoRA or modules_to_save on lm_head) goes through
+    # F.cross_entropy: logits, log-softmax and their gradient.
+    head_wrapped = "lm_head" in cfg.lora.modules_to_save or any("lm_head" in t for t in cfg.lora.targets)
+    copies = 3 if head_wrapped else 1
+    logits = answer * c.vocab_size * 4 * copies
+    logits_basis = (f"<= {answer} positions x V={c.vocab_size} x fp32 x "
+                    + ("3 (logits, log-softmax, grad; lm_head wrapped)" if head_wrapped
+                       else "1 (chunked loss: exponentials only)"))
     if gc:
         # Only the layer inputs stay between forward and backward. Backward first runs the loss (logits live),
         # frees them, then recomputes one layer at a time: the peak is the larger of those two phases

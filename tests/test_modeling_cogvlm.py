@@ -123,6 +123,42 @@ def test_attention_mask_shapes():
         [0, 0, 1, 1, 0],
         [0, 0, 0, 0, 1],  # padding query attends only itself (finite, unused)
     ]
+    # Right padding only (training batches): plain causal SDPA, no mask tensor; left padding keeps the mask.
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert build_attention_mask(right, 4, 0, torch.device("cpu")) == (None, True)
+    mask, causal = build_attention_mask(right.flip(1), 4, 0, torch.device("cpu"))
+    assert not causal and mask[1, 0, 3].int().tolist() == [0, 0, 1, 1]
+    assert build_attention_mask(right, 1, 3, torch.device("cpu"))[0] is not None  # decoding with a cache
+
+
+def test_right_padded_causal_path_equals_the_masked_path(tiny_model, monkeypatch):
+    """Outputs at real positions of a right-padded batch are the same with the mask tensor and without it."""
+    import finetune.models.cogvlm.modeling as modeling
+
+    model = tiny_model.eval()
+    ids, types, images = make_inputs(model.config, [list(range(5, 15)), list(range(20, 30))])
+    am = torch.ones_like(ids)
+    am[1, -4:] = 0  # row 1 right-padded
+    masks = []  # what each decoder SDPA call received
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, **kw: masks.append(attn_mask is not None and
+                                                                          q.shape[-2] == ids.shape[1])
+                        or sdpa(q, k, v, attn_mask=attn_mask, **kw))
+    fast = model(input_ids=ids, token_type_ids=types, images=images, attention_mask=am, use_cache=False).logits
+    assert masks and not any(masks)  # no mask tensor on the shortcut
+
+    def general_mask(attention_mask, q_len, past_len, device):  # the boolean mask the shortcut replaces
+        pos = torch.arange(q_len)
+        allowed = (pos[None, :] <= pos[:, None])[None] & attention_mask.bool()[:, None, :]
+        return (allowed | torch.eye(q_len, dtype=torch.bool)[None])[:, None], False
+
+    monkeypatch.setattr(modeling, "build_attention_mask", general_mask)
+    masks.clear()
+    slow = model(input_ids=ids, token_type_ids=types, images=images, attention_mask=am, use_cache=False).logits
+    assert sum(masks) == model.config.num_hidden_layers  # every decoder layer ran with the mask tensor
+    keep = am.bool()
+    torch.testing.assert_close(fast[keep], slow[keep], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ...families import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from ...targets import TargetSpec
 from ...token_types import build_position_ids, get_expert_mask
+from ..linear_cross_entropy import linear_cross_entropy
 from .configuration import CogVLMConfig
 
 # Modules that must never be quantized (bitsandbytes) - everything but the decoder's linears.
@@ -491,8 +492,9 @@ def build_attention_mask(
 ) -> tuple[torch.Tensor | None, bool]:
     """Return (SDPA mask, is_causal); the mask is (B, 1, L, T) bool, True = may attend.
 
-    No padding and no past -> plain causal SDPA (no mask tensor). Otherwise one boolean mask built once per
-    forward and shared by all layers: causal (offset by the cache length) & key not padding & same segment.
+    No padding (or right padding only) and no past -> plain causal SDPA (no mask tensor). Otherwise one boolean
+    mask built once per forward and shared by all layers: causal (offset by the cache length) & key not padding
+    & same segment.
     Each query may always attend itself so padding rows stay finite (their outputs are never used).
     """
     total = past_len + q_len
@@ -504,6 +506,11 @@ def build_attention_mask(
             return None, False
         attention_mask = torch.ones(1, total, dtype=torch.long, device=device)
     am = attention_mask.to(device)  # (B, T)
+    if past_len == 0 and not packed and q_len > 1 and bool((am[:, 1:] <= am[:, :-1]).all()):
+        # Right padding only (every training batch): a real query's causal past holds no padding, so plain causal
+        # SDPA gives the same outputs at real positions with no mask tensor (GPUs then run the flash kernel,
+        # which takes no mask; padded queries see earlier keys only and stay finite; their outputs are unused).
+        return None, True
     q_pos = torch.arange(past_len, total, device=device)  # (L,)
     k_pos = torch.arange(total, device=device)  # (T,)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & (am != 0)[:, None, :]  # (B, L, T)
@@ -787,6 +794,12 @@ def check_position_ids(given: torch.Tensor, derived: torch.Tensor, mask: torch.T
         )
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """A bias-free `nn.Linear` whose weight is an ordinary tensor (not wrapped by peft, not a sharded DTensor)."""
+    weight = getattr(module, "weight", None)
+    return type(module) is nn.Linear and module.bias is None and type(weight) in (nn.Parameter, torch.Tensor)
+
+
 class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
     """CogVLM / CogVLM2 image chat model with LM head, loss and generation hooks."""
 
@@ -892,8 +905,11 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         if labels is not None and loss_only:
             shift_labels = labels[:, 1:].to(hidden_states.device)  # causal shift (§11)
             keep = shift_labels != -100  # (B, L-1)
-            picked = self.lm_head(hidden_states[:, :-1][keep]).float()  # (N_labels, V)
-            loss = F.cross_entropy(picked, shift_labels[keep], reduction="sum")
+            picked = hidden_states[:, :-1][keep]  # (N_labels, H)
+            if _plain_linear(self.lm_head):  # chunked over the vocabulary, no (N, V) gradient
+                loss = linear_cross_entropy(picked, self.lm_head.weight, shift_labels[keep])
+            else:  # a wrapped head (LoRA on lm_head, sharded weight): through its own forward
+                loss = F.cross_entropy(self.lm_head(picked).float(), shift_labels[keep], reduction="sum")
             denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
             if isinstance(denom, torch.Tensor):
                 denom = denom.to(loss.device)
