@@ -14,7 +14,9 @@ LoRA r=8 on both experts (attention and MLP), fp32, no checkpointing.
 With --official-dir DIR (the official modeling files, see bench/parity_official.py; kept outside the
 repository) the official code is measured on the same weights and batch, with peft LoRA on the same linears.
 
-    .venv/bin/python bench/mfu.py [--threads 1] [--repeats 5] [--official-dir /tmp/official]
+    .venv/bin/python bench/mfu.py [--threads 1] [--repeats 5] [--official-dir /tmp/official] [--profile]
+
+--profile adds where the kit's step spends its time (torch profiler, self time per op over 3 steps).
 """
 
 from __future__ import annotations
@@ -133,12 +135,29 @@ def matmul_flops_per_s(repeats: int = 5) -> tuple[float, str]:
     return best, where
 
 
+def profile_table(step, rows: int = 12) -> str:
+    """Markdown table of the ops with the most self time over 3 steps (the step's own overheads show here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| op | share of step time | per step | calls per step |", "|---|---:|---:|---:|"]
+    for e in events[:rows]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / total:.0%} | {e.self_cpu_time_total / 3e3:.0f} ms "
+                     f"| {e.count // 3} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--official-dir", type=Path, default=None,
                         help="folder with the official modeling files (see bench/parity_official.py)")
+    parser.add_argument("--profile", action="store_true", help="also print the kit step's time per op")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = kit_config()
@@ -169,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         floor = flops / peak
         print(f"| {name} | {flops / 1e9:.1f} | {t * 1e3:.0f} ms | {flops / t / 1e9:.1f} | {flops / t / peak:.0%} "
               f"| {floor * 1e3:.0f} ms | {t / floor:.2f}x |")
+    if args.profile:
+        print("\nwhere the kit's step goes (torch profiler, self time, 3 steps):\n")
+        print(profile_table(step_fn(kit, batch)))
     return 0
 
 
