@@ -27,7 +27,7 @@ test: $(VENV)/.installed
 OLDEST ?= .venv-oldest
 OLDEST_PY := $(OLDEST)/bin/python
 OLDEST_TESTS ?= tests/test_modeling_cogvlm.py tests/test_generation.py tests/test_recipe.py tests/test_run_folder.py \
-	tests/test_merge.py tests/test_versions.py tests/test_warnings.py
+	tests/test_merge.py tests/test_versions.py tests/test_warnings.py tests/test_linear_cross_entropy.py
 # `cogtune check` trains twice to watch the loss drop (the slowest test); the APIs it uses are covered above.
 OLDEST_DESELECT ?= -k "not test_check_passes_and_fails_when_loss_cannot_drop"
 
