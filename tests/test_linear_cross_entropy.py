@@ -52,17 +52,21 @@ def test_large_logits_stay_finite_and_exact():
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-4)
 
 
-def test_bfloat16_matches_the_bfloat16_head():
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_bfloat16_matches_the_bfloat16_head(weight_grad):
     """bf16 weights: logits come from the same bf16 matmul as `lm_head(h).float()`, then fp32 math."""
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(9, 64, generator=gen).bfloat16()
-    weight = (torch.randn(700, 64, generator=gen) * 0.2).bfloat16()
+    weight = (torch.randn(700, 64, generator=gen) * 0.2).bfloat16().requires_grad_(weight_grad)
     labels = torch.randint(0, 700, (9,), generator=gen)
     ref = _grads(_reference, hidden, weight, labels)
     got = _grads(lambda h, w, y: lce.linear_cross_entropy(h, w, y, 128), hidden, weight, labels)
     assert got[1].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=2e-2, atol=2e-3)
+    if weight_grad:
+        assert got[2].dtype == torch.bfloat16
+        torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=2e-2, atol=2e-3)
 
 
 def test_no_labelled_rows_gives_zero_and_a_gradient():

@@ -59,10 +59,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (N, H)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.weight_grad else None
         for i, (e, s) in enumerate(zip(exps, scales)):
-            w = weight[i * ctx.chunk : i * ctx.chunk + e.shape[1]]
-            grad_hidden.addcmul_(e @ w.float(), s)  # rows scaled after the (N, c) x (c, H) product: no (N, c) pass
-            if grad_weight is not None:
-                grad_weight[i * ctx.chunk : i * ctx.chunk + e.shape[1]] = e.t() @ (hidden.float() * s)
+            rows = slice(i * ctx.chunk, i * ctx.chunk + e.shape[1])
+            w = weight[rows]  # (c, H)
+            if w.dtype == torch.float32:  # rows scaled after the (N, c) x (c, H) product: no (N, c) pass
+                grad_hidden.addcmul_(e @ w, s)
+                if grad_weight is not None:
+                    grad_weight[rows] = e.t() @ (hidden * s)
+            else:  # bf16/fp16 head: the chunk's softmax in the weight's dtype, as the head's own backward multiplies
+                p = (e * s).to(w.dtype)  # (N, c)
+                grad_hidden += (p @ w).float()
+                if grad_weight is not None:
+                    grad_weight[rows] = (p.t() @ hidden.to(w.dtype)).float()
         grad_hidden.sub_(weight[labels].float())  # minus the one-hot part
         if grad_weight is not None:
             grad_weight.index_add_(0, labels, hidden.float(), alpha=-1.0)
