@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...families import VISION_TOKEN_TYPE
 from ...targets import TargetSpec
 from ..cogvlm.modeling import (
-    CACHE_NAME,
     COGVLM_TARGETS,
     FULL_PRECISION_MODULES,
     CogVLMDecoderLayer,
@@ -43,10 +41,7 @@ from ..cogvlm.modeling import (
     CogVLMRMSNorm,
     EVA2CLIPModel,
     ExpertRouting,
-    _one_cache,
-    build_attention_mask,
     is_packed,
-    resolve_position_ids,
 )
 from .configuration import CogAgentConfig
 
@@ -418,59 +413,17 @@ class CogAgentModel(CogAgentPreTrainedModel, CogVLMModel):
         out[torch.tensor(rows, device=feats.device)] = feats
         return out
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        images: Any = None,
-        cross_images: Any = None,
-        position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
-        """As `CogVLMModel.forward`, plus `cross_images` (read at prefill only; later steps use the cache)."""
-        cache = _one_cache(cache, past_key_values)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids (or inputs_embeds)")
+    def extra_layer_inputs(
+        self, token_types: torch.Tensor, attention_mask: torch.Tensor | None, prefill: bool,
+        inputs_embeds: torch.Tensor, cross_images: Any = None, **inputs: Any,
+    ) -> tuple[torch.Tensor | None]:
+        """Each layer's cross features (B, P, C) from `cross_images`, read at prefill only (then the cross K/V sit in
+        the cache, and None tells the layers to read them there)."""
         if is_packed(attention_mask):
             raise ValueError("CogAgent does not take packed rows (each conversation needs its own cross image); "
                              "set data.packing: false")
-        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        n = ref.shape[1]
-        new_types, position_ids = resolve_position_ids(token_type_ids, attention_mask, position_ids, ref, past_len)
-
-        encoder_outputs = None
-        if inputs_embeds is None:
-            if past_len == 0:
-                inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill
-                encoder_outputs = self.encode_cross_images(cross_images, new_types.to(inputs_embeds.device))
-            else:
-                inputs_embeds = self.embed_tokens(input_ids)
-        if encoder_outputs is not None:
-            encoder_outputs = encoder_outputs.to(inputs_embeds.dtype)  # (B, P, C)
-
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
-        rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
-        attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
-
-        hidden_states = inputs_embeds  # (B, L, H)
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, encoder_outputs, routing=routing, rope=rope, attn_mask=attn_mask,
-                is_causal=is_causal, cache=cache,
-            )
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
+        encoder_outputs = self.encode_cross_images(cross_images, token_types) if prefill else None
+        return (None if encoder_outputs is None else encoder_outputs.to(inputs_embeds.dtype),)
 
 
 class CogAgentForCausalLM(CogAgentPreTrainedModel, CogVLMForCausalLM):
