@@ -78,7 +78,10 @@ COGAGENT_TARGETS = TargetSpec(
 
 
 class CogAgentVisionModel(EVA2CLIPModel):
-    """CogVLM1's 224-px tower with CogAgent's extra `pos_embed` (g*g, D) added to the patch features."""
+    """CogVLM1's 224-px tower with CogAgent's extra `pos_embed` (g*g, D) added to the patch features before the
+    GLU adapter; the tower, boi/eoi and the feature cache are EVA2CLIPModel's."""
+
+    projection_prefixes = ("linear_proj", "pos_embed")
 
     def __init__(self, config: CogAgentConfig) -> None:
         super().__init__(config)
@@ -86,13 +89,8 @@ class CogAgentVisionModel(EVA2CLIPModel):
         grid = vc["image_size"] // vc["patch_size"]
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, vc["hidden_size"]))  # 2-D, as in the checkpoint
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(images)  # (N, g*g+1, D)
-        x = self.transformer(x)[:, 1:]  # drop cls -> (N, g*g, D)
-        x = self.linear_proj(x + self.pos_embed.to(x.dtype)[None])  # (N, g*g, H)
-        boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
-        eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat((boi, x, eoi), dim=1)  # (N, g*g+2, H)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_proj(x + self.pos_embed.to(x.dtype)[None])  # (N, g*g, D) -> (N, g*g, H)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,10 +252,19 @@ class CrossVisionModel(nn.Module):
         self.vit = EVALargeEncoder(config)
         grid = config.cross_grid
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, config.cross_vision_config["hidden_size"]))
+        self.feature_cache = None  # finetune/feature_cache.py (data.feature_cache): the frozen EVA-L's output
+
+    def encoder_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S', S') -> (N, g'*g', C): the EVA-L tower without cls, before pos_embed."""
+        if getattr(self, "tower_released", False):
+            raise RuntimeError("a cross image is missing from data.feature_cache and the cross tower's weights were "
+                               "released after every image of the run was cached (finetune/feature_cache.py)")
+        return self.vit(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit(images)
-        return x + self.pos_embed.to(x.dtype)[None]
+        cache = self.feature_cache
+        x = self.encoder_features(images) if cache is None else cache.lookup(images, self.encoder_features)
+        return x + self.pos_embed.to(x.dtype)[None]  # pos_embed runs live (it may train)
 
 
 # ----------------------------------------------------------------------------------------------------------------

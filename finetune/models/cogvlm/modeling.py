@@ -401,6 +401,9 @@ class GLU(nn.Module):
 class EVA2CLIPModel(nn.Module):
     """Images (N, 3, S, S) -> (N, image_tokens, H) including boi/eoi (§5)."""
 
+    # Parameter-name prefixes of `project` (after the tower): they run live when data.feature_cache holds the tower.
+    projection_prefixes: tuple[str, ...] = ("linear_proj",)
+
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
         vc = config.vision_config
@@ -430,9 +433,13 @@ class EVA2CLIPModel(nn.Module):
             x = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)^2, D) row-major
         return x
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tower features (N, P, D) -> (N, P, H): the GLU adapter into the language model's width."""
+        return self.linear_proj(x)
+
     def glu_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, P, H): tower, then the GLU adapter into the language model's width."""
-        return self.linear_proj(self.tower_features(images))
+        """(N, 3, S, S) -> (N, P, H): tower, then `project`."""
+        return self.project(self.tower_features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         cache = self.feature_cache
@@ -441,7 +448,7 @@ class EVA2CLIPModel(nn.Module):
         elif cache.stage == "glu":
             x = cache.lookup(images, self.glu_features)
         else:  # the GLU adapter trains: only the tower's output is cached
-            x = self.linear_proj(cache.lookup(images, self.tower_features))
+            x = self.project(cache.lookup(images, self.tower_features))
         # x: (N, P, H)
         boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
         eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
