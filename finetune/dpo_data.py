@@ -74,6 +74,8 @@ def encode_pair(pair: PreferencePair, processor: CogVLMProcessor) -> dict[str, A
             e.input_ids, e.token_type_ids, e.labels
         row[f"{side}_dropped_turns"] = e.dropped_turns
         row["image_refs"] = [str(r) for r in e.images]
+        for name, refs in e.extra.items():  # a family's per-example inputs (CogAgent: `cross_images`, picture refs)
+            row[f"{side}_{name}"] = [str(r) for r in refs]
     return row
 
 
@@ -98,8 +100,11 @@ class PreferenceCollator:
         self._extras = generation_input_names(self.processor.model_input_names)
 
     def _side(self, rows: Sequence[dict[str, Any]], side: str) -> list[dict[str, Any]]:
+        extra = [n for n in self.processor.example_input_names if n not in ("input_ids", "token_type_ids", "labels",
+                                                                            "images")]
         return [{"input_ids": r[f"{side}_input_ids"], "token_type_ids": r[f"{side}_token_type_ids"],
-                 "labels": r[f"{side}_labels"], "images": list(r["image_refs"])} for r in rows]
+                 "labels": r[f"{side}_labels"], "images": list(r["image_refs"]),
+                 **{n: list(r[f"{side}_{n}"]) for n in extra}} for r in rows]
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._cog(self._side(rows, "chosen") + self._side(rows, "rejected"))  # (2B, L)
