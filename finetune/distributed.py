@@ -24,14 +24,23 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .memory import _ENGINES, _WRAP_UNITS
+from .memory import _ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "recipes" / "accelerate"
 # Engines the memory plan knows: how the weights, gradients and optimizer state are spread over the GPUs.
 ENGINES = _ENGINES
-# FSDP wrap units: one decoder layer, one vision-transformer layer (the classes the configs name).
-WRAP_CLASSES = _WRAP_UNITS
+
+
+def wrap_classes(model_class: type | None = None) -> tuple[str, ...]:
+    """The FSDP wrap units of a model class (of every family when None): its `_no_split_modules`, one decoder
+    layer and one block of each vision tower. The shipped FSDP configs name no classes, so accelerate wraps these,
+    read off the model being trained (CogAgent's `CogAgentDecoderLayer` and cross-tower `EVABlock` included)."""
+    from .models import FAMILIES
+    from .models import model_class as family_model_class
+
+    classes = [model_class] if model_class is not None else [family_model_class(f) for f in FAMILIES.values()]
+    return tuple(dict.fromkeys(name for cls in classes for name in cls._no_split_modules))
 
 
 @dataclass
@@ -111,8 +120,12 @@ def _is_local(ip: str) -> bool:
     return True
 
 
-def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = None) -> list[str]:
-    """Every problem of a launch config at once (empty: it can start). Each names the key and the fix."""
+def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = None,
+                        layer_classes: tuple[str, ...] | None = None) -> list[str]:
+    """Every problem of a launch config at once (empty: it can start). Each names the key and the fix.
+
+    `layer_classes`: the wrap units of the model to train (`wrap_classes(model_class)`); None checks a config
+    that names classes against every family's."""
     raw, where = cfg.raw, str(cfg.path)
     problems: list[str] = []
     if deepspeed_available is None:
@@ -141,10 +154,13 @@ def check_launch_config(cfg: LaunchConfig, deepspeed_available: bool | None = No
             problems.append(f"{where}: fsdp_config.fsdp_version is {fsdp.get('fsdp_version', 1)}; the kit is tested "
                             "with FSDP2 (fully_shard): set fsdp_version: 2")
         classes = [c.strip() for c in str(fsdp.get("fsdp_transformer_layer_cls_to_wrap", "")).split(",") if c.strip()]
-        unknown = [c for c in classes if c not in WRAP_CLASSES]
-        if fsdp.get("fsdp_auto_wrap_policy") == "TRANSFORMER_BASED_WRAP" and (unknown or not classes):
-            problems.append(f"{where}: fsdp_config.fsdp_transformer_layer_cls_to_wrap names {classes or 'nothing'}; "
-                            f"the model's layer classes are {', '.join(WRAP_CLASSES)}")
+        known = wrap_classes() if layer_classes is None else layer_classes
+        unknown = [c for c in classes if c not in known]
+        if fsdp.get("fsdp_auto_wrap_policy") == "TRANSFORMER_BASED_WRAP" and unknown:
+            # accelerate would stop at prepare ("Could not find the transformer layer class ...")
+            problems.append(f"{where}: fsdp_config.fsdp_transformer_layer_cls_to_wrap names {', '.join(unknown)}, "
+                            f"not a layer class of the model ({', '.join(known)}); remove the key: accelerate then "
+                            "wraps the model's own layer classes")
         if str(fsdp.get("fsdp_state_dict_type", "SHARDED_STATE_DICT")) != "SHARDED_STATE_DICT":
             problems.append(f"{where}: fsdp_config.fsdp_state_dict_type must be SHARDED_STATE_DICT: checkpoints stay "
                             "sharded (resumable on another number of GPUs) and the kit gathers the adapter itself")
@@ -342,7 +358,16 @@ def launch_command(cfg: LaunchConfig, recipe_args: list[str], overrides: dict[st
     return cmd + [str(REPO / "train.py"), *recipe_args]
 
 
-def plan_for(recipe_args: list[str], world: int, engine: str) -> str:
+def meta_model_for(recipe_args: list[str]) -> Any:
+    """The recipe's model on the meta device (no weights read): its layer classes and memory plan."""
+    from .config import load_recipe
+    from .loading import build_meta_model
+
+    recipe, *kv = recipe_args
+    return build_meta_model(load_recipe(recipe, kv).model.checkpoint_dir)
+
+
+def plan_for(recipe_args: list[str], world: int, engine: str, model: Any = None) -> str:
     """The recipe's per-GPU memory plan under `engine` on `world` GPUs (meta-device model: no weights read)."""
     from .config import load_recipe
     from .loading import build_meta_model
@@ -350,7 +375,7 @@ def plan_for(recipe_args: list[str], world: int, engine: str) -> str:
 
     recipe, *kv = recipe_args
     cfg = load_recipe(recipe, kv)
-    model = build_meta_model(cfg.model.checkpoint_dir)
+    model = build_meta_model(cfg.model.checkpoint_dir) if model is None else model
     _, matches, _ = resolve_targets(cfg.lora.targets, model)
     return str(memory_plan_for(model, cfg, [n for hit in matches.values() for n in hit], world=world, engine=engine))
 
@@ -375,15 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    problems = check_launch_config(cfg)
+    recipe_args = [args.recipe, *rest]
+    try:
+        model = meta_model_for(recipe_args)
+    except (ValueError, FileNotFoundError) as err:
+        model, recipe_error = None, err
+    problems = check_launch_config(cfg, layer_classes=None if model is None else wrap_classes(type(model)))
     if problems:
         print("error: the launch config cannot start:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
-    recipe_args = [args.recipe, *rest]
+    if model is None:
+        print(f"error: {recipe_error}", file=sys.stderr)
+        return 2
     print(f"launch: {cfg.path.name}: engine {cfg.engine}, {cfg.num_processes} process(es) on {cfg.num_machines} "
           f"machine(s)")
     try:
-        print(plan_for(recipe_args, cfg.world, cfg.engine))
+        print(plan_for(recipe_args, cfg.world, cfg.engine, model))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

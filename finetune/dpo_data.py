@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ import torch
 
 from data_formats.schema import Conversation, Message, Problem
 
-from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor, RowTooLong
+from .models.cogvlm.processing import IGNORE_INDEX, CogVLMCollator, CogVLMProcessor, EncodedExample, RowTooLong
 
 if TYPE_CHECKING:
     from data_formats.preference import PreferencePair
@@ -74,6 +74,8 @@ def encode_pair(pair: PreferencePair, processor: CogVLMProcessor) -> dict[str, A
             e.input_ids, e.token_type_ids, e.labels
         row[f"{side}_dropped_turns"] = e.dropped_turns
         row["image_refs"] = [str(r) for r in e.images]
+        for name, refs in e.extra.items():  # a family's per-example inputs (CogAgent: `cross_images`, picture refs)
+            row[f"{side}_{name}"] = [str(r) for r in refs]
     return row
 
 
@@ -96,10 +98,14 @@ class PreferenceCollator:
 
         self._cog = CogVLMCollator(self.processor)
         self._extras = generation_input_names(self.processor.model_input_names)
+        # a family's own per-example inputs (CogAgent: cross_images), stored per side by `encode_pair`
+        own = {f.name for f in fields(EncodedExample)}
+        self._family_inputs = [n for n in self.processor.example_input_names if n not in own]
 
     def _side(self, rows: Sequence[dict[str, Any]], side: str) -> list[dict[str, Any]]:
         return [{"input_ids": r[f"{side}_input_ids"], "token_type_ids": r[f"{side}_token_type_ids"],
-                 "labels": r[f"{side}_labels"], "images": list(r["image_refs"])} for r in rows]
+                 "labels": r[f"{side}_labels"], "images": list(r["image_refs"]),
+                 **{n: list(r[f"{side}_{n}"]) for n in self._family_inputs}} for r in rows]
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._cog(self._side(rows, "chosen") + self._side(rows, "rejected"))  # (2B, L)

@@ -14,7 +14,10 @@ base, another dtype or a trained GLU never reads a stale file. Files are safeten
 Stages. `glu`: the GLU adapter's output (N, P, H), when the tower and the GLU are frozen. `tower`: the tower's
 output after the optional 2x2 conv (N, P, D), when the GLU adapter is trained (`modules_to_save: glu_adapter`
 or LoRA on it); the GLU then runs live. A LoRA on the tower itself makes features change, so it is refused.
-boi/eoi are always applied live (they may be trained).
+boi/eoi are always applied live (they may be trained), and so is CogAgent's `model.vision.pos_embed` (part of
+the tower's `project`). CogVLM2-Video's frames are images of the same tower: each frame is cached alone.
+`cross`: CogAgent's high-resolution cross tower (EVA-L) output (N, P', C) when it is frozen, in a folder of
+its own; its `pos_embed` runs live. When the cross tower trains (the `cross_tower` preset) it runs live.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ class FeatureCache:
     """Image features on disk, one safetensors file per image, under a folder keyed by what produced them."""
 
     def __init__(self, root: str | Path, producer: dict[str, Any], stage: str) -> None:
-        if stage not in ("glu", "tower"):
-            raise ValueError(f"feature cache stage must be 'glu' or 'tower', got {stage!r}")
+        if stage not in ("glu", "tower", "cross"):
+            raise ValueError(f"feature cache stage must be 'glu', 'tower' or 'cross', got {stage!r}")
         self.stage = stage
         self.producer = {**producer, "stage": stage, "format": FORMAT}
         key = hashlib.sha256(json.dumps(self.producer, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -97,10 +100,17 @@ def vision_module(model: Any) -> Any:
     return base.model.vision
 
 
+def cross_module(model: Any) -> Any | None:
+    """CogAgent's cross tower (CrossVisionModel) under a PeftModel or a bare model; None for other families."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    return getattr(base.model, "cross_vision", None)
+
+
 def cache_stage(vision: Any) -> str:
     """'glu' when the tower and the GLU adapter are frozen, 'tower' when only the tower is; else an error."""
     trained = [n for n, p in vision.named_parameters() if p.requires_grad and not n.startswith(("boi", "eoi"))]
-    tower = [n for n in trained if not n.startswith("linear_proj")]
+    tower = [n for n in trained if not n.startswith(vision.projection_prefixes)]  # CogAgent: + pos_embed
     if tower:
         raise ValueError(f"data.feature_cache needs a frozen vision tower, but this recipe trains {tower[0]} "
                          f"(and {len(tower) - 1} more): drop the vision_tower LoRA target or data.feature_cache")
@@ -125,6 +135,30 @@ def attach(model: Any, root: str | Path, checkpoint_dir: str | Path,
     return cache
 
 
+def attach_cross(model: Any, root: str | Path, checkpoint_dir: str | Path,
+                 log: Callable[[str], None] = print) -> FeatureCache | None:
+    """Cache CogAgent's cross-tower features too when that tower is frozen; None otherwise (it then runs live)."""
+    from .loading import base_fingerprint
+    from .run_folder import config_hash
+
+    cross = cross_module(model)
+    if cross is None:
+        return None
+    trained = [n for n, p in cross.vit.named_parameters() if p.requires_grad]
+    if trained:
+        log(f"data.feature_cache: the cross tower trains ({trained[0]} and {len(trained) - 1} more): it runs live")
+        return None
+    param = next(cross.parameters())
+    config = model.config
+    producer = {"base_fingerprint": base_fingerprint(checkpoint_dir), "config_hash": config_hash(checkpoint_dir),
+                "cross_vision_config": config.cross_vision_config, "cross_image_size": config.cross_image_size,
+                "dtype": str(param.dtype)}
+    cache = FeatureCache(root, producer, "cross")
+    cross.feature_cache = cache
+    log(f"data.feature_cache: cross tower features cached in {cache.dir}")
+    return cache
+
+
 def dataset_image_refs(dataset: Any) -> list[Any]:
     """Every image ref of an encoded training dataset (through the packing / skipping wrappers)."""
     while not hasattr(dataset, "encoded") and hasattr(dataset, "base"):
@@ -134,7 +168,9 @@ def dataset_image_refs(dataset: Any) -> list[Any]:
 
 def precompute(cache: FeatureCache, vision: Any, refs: list[Any], transform: Callable[[Any], torch.Tensor],
                batch_size: int = 8) -> int:
-    """Fill the cache for every distinct image ref before training; returns how many images were computed."""
+    """Fill the cache for every distinct image ref before training; returns how many images were computed.
+
+    A video ref transforms to its (T, 3, S, S) frames: each frame is an image of the same tower, cached alone."""
     seen: set[str] = set()
     todo = []
     for ref in refs:
@@ -142,11 +178,16 @@ def precompute(cache: FeatureCache, vision: Any, refs: list[Any], transform: Cal
         if name not in seen:
             seen.add(name)
             todo.append(ref)
-    param = vision.patch_embedding.proj.weight
+    if cache.stage == "cross":  # `vision` is CogAgent's CrossVisionModel, `transform` its cross-image transform
+        param, compute = vision.vit.model.patch_embed.proj.weight, vision.encoder_features
+    else:
+        param = vision.patch_embedding.proj.weight
+        compute = vision.glu_features if cache.stage == "glu" else vision.tower_features
     before = cache.misses
     for i in range(0, len(todo), batch_size):
-        pixels = torch.stack([transform(r) for r in todo[i:i + batch_size]]).to(param.device, param.dtype)
-        cache.lookup(pixels, vision.glu_features if cache.stage == "glu" else vision.tower_features)
+        pixels = [transform(r) for r in todo[i:i + batch_size]]
+        pixels = torch.cat([p if p.dim() == 4 else p[None] for p in pixels]).to(param.device, param.dtype)
+        cache.lookup(pixels, compute)
     return cache.misses - before
 
 
@@ -157,7 +198,10 @@ def release_tower(vision: Any, stage: str) -> int:
     moving the model to a device costs nothing for them; a later cache miss is an error that says so.
     Returns the number of elements released.
     """
-    parts = [vision.patch_embedding, vision.transformer] + ([vision.conv] if hasattr(vision, "conv") else [])
+    if stage == "cross":
+        parts = [vision.vit]
+    else:
+        parts = [vision.patch_embedding, vision.transformer] + ([vision.conv] if hasattr(vision, "conv") else [])
     if stage == "glu":
         parts.append(vision.linear_proj)
     released = 0

@@ -137,16 +137,22 @@ class ImageTable:
         try:
             im = load_image(ref)
         except ImageError as exc:
-            thumb = Thumb(None, None, str(exc))
-        else:
-            size = im.size
-            if max(size) > self.max_side:
-                im.thumbnail((self.max_side, self.max_side))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=self.quality)
-            self.urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
-            thumb = Thumb(len(self.urls) - 1, size)
-        self._by_ref[ref] = thumb
+            self._by_ref[ref] = Thumb(None, None, str(exc))
+            return self._by_ref[ref]
+        return self.add_image(ref, im)
+
+    def add_image(self, ref: str, im: Any) -> Thumb:
+        """Thumbnail of a decoded PIL image (a video frame), stored once under `ref`."""
+        if ref in self._by_ref:
+            return self._by_ref[ref]
+        size = im.size
+        if max(size) > self.max_side:
+            im = im.copy()
+            im.thumbnail((self.max_side, self.max_side))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=self.quality)
+        self.urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+        self._by_ref[ref] = thumb = Thumb(len(self.urls) - 1, size)
         return thumb
 
 

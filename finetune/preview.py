@@ -8,6 +8,9 @@ and the loss (labelled) turns marked; the row's `file:line` and every validation
 encoded for training: image span, prompt, labelled tokens, the count, and whether `--max-length` drops
 turns or the whole row. `--recipe` takes model, max_length, template and data options from a recipe.
 
+A video row (CogVLM2-Video) shows the first frames the model samples from its clip (`--model`: the checkpoint's
+sampling; else one frame a second, the `chat` template's), each captioned with its time in the clip.
+
 The page is one self-contained HTML file (images embedded as small JPEGs, no network), paged so that
 10k rows stay usable. Filters (`--filter`, repeatable, all must hold): errors, warnings, problems,
 valid, boxes, no-boxes, images, truncated (needs a tokenizer), id=GLOB, text=WORDS, lines=A-B.
@@ -36,6 +39,8 @@ from data_formats.schema import (
 )
 
 from .html_page import PALETTE, Card, ImageTable, Shape, Thumb, esc, figure, mark_boxes, phrase_before, render_page
+
+VIDEO_FRAMES_SHOWN = 4  # the first sampled frames of a video row shown on its card
 
 FILTERS = ("errors", "warnings", "problems", "valid", "boxes", "no-boxes", "images", "truncated", "id=GLOB",
            "text=WORDS", "lines=A-B")
@@ -68,6 +73,7 @@ class RowView:
     too_long: str = ""
     encoded: Any = None
     thumbs: list[Thumb] = field(default_factory=list)
+    frame_notes: list[str] = field(default_factory=list)  # a caption per thumb of a video frame ("" for images)
 
     @property
     def has_errors(self) -> bool:
@@ -241,10 +247,40 @@ def _add_images(view: RowView, base_dir: Path, images: ImageTable) -> None:
             continue
         thumb = images.add(resolve_image_ref(ref, base_dir))
         view.thumbs.append(thumb)
+        view.frame_notes.append("")
         if thumb.error and f"images[{i}]" not in reported:
             view.problems.append(Problem(view.source, f"images[{i}]", thumb.error,
                                          "re-export the image as PNG/JPEG or drop the row", "error",
                                          "unreadable image"))
+
+
+def _add_video_frames(view: RowView, base_dir: Path, images: ImageTable, info: Any = None) -> None:
+    """The first VIDEO_FRAMES_SHOWN frames the model samples from the row's video, as thumbnails; a video that does
+    not decode becomes a problem on the card."""
+    raw = view.obj.get("videos") if isinstance(view.obj, dict) else None
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], str) or not raw[0]:
+        return
+    from PIL import Image
+
+    from .models.cogvlm2_video.video import FrameSampling, VideoDecodeError, decode_frames, probe_video, sample_indices
+
+    path = resolve_image_ref(raw[0], base_dir)
+    sampling = getattr(getattr(info, "processor", None), "sampling", None) or FrameSampling.for_template("chat")
+    try:
+        clip = probe_video(path)
+        picked = sample_indices(clip, sampling)
+        shown = picked[:VIDEO_FRAMES_SHOWN]
+        frames = decode_frames(path, shown)  # (T, H, W, 3) uint8
+    except (VideoDecodeError, OSError) as exc:
+        view.thumbs.append(Thumb(None, None, str(exc)))
+        view.frame_notes.append("video")
+        if "videos[0]" not in {p.field for p in view.problems}:
+            view.problems.append(Problem(view.source, "videos[0]", str(exc), "re-encode the clip (e.g. H.264 MP4) "
+                                         "or drop the row", "error", "unreadable video"))
+        return
+    for k, (index, frame) in enumerate(zip(shown, frames)):
+        view.thumbs.append(images.add_image(f"{path}#frame={index}", Image.fromarray(frame)))
+        view.frame_notes.append(f"frame {k + 1} of {len(picked)} sampled, {clip.timestamps[index]:.1f} s")
 
 
 def read_rows(path: Path, opts: Options, info: Any = None,
@@ -287,6 +323,7 @@ def read_rows(path: Path, opts: Options, info: Any = None,
         if keep:
             if images is not None:
                 _add_images(view, base_dir, images)
+                _add_video_frames(view, base_dir, images, info)
             views.append(view)
         counts["errors"] += view.has_errors
         counts["warnings"] += view.has_warnings and not view.has_errors
@@ -379,10 +416,13 @@ def build_card(view: RowView, opts: Options, info: Any = None) -> Card:
     rid = str(obj.get("id", f"{Path(view.source.rsplit(':', 1)[0]).stem}-{view.line}"))
     shapes = [Shape(b.cog, _colour(b.group), b.phrase or f"box {i + 1}") for i, b in enumerate(view.boxes)
               if b.cog is not None]
+    notes = view.frame_notes + [""] * (len(thumbs) - len(view.frame_notes))
+    n_images = sum(not n for n in notes)
     figs = []
-    for i, th in enumerate(thumbs):
+    for i, (th, note) in enumerate(zip(thumbs, notes)):
         size = f"{th.size[0]}&times;{th.size[1]} px" if th.size else ""
-        figs.append(figure(th, shapes if i == 0 else [], f"image {i + 1}: {size}" if len(thumbs) > 1 else size))
+        caption = f"{note}: {size}" if note else f"image {i + 1}: {size}" if n_images > 1 else size
+        figs.append(figure(th, shapes if i == 0 and not note else [], caption))
     if not thumbs and view.boxes:
         figs.append(figure(Thumb(None, None, "boxes but no image"), []))
     image_tokens = info.image_tokens if info is not None else None
@@ -405,7 +445,7 @@ def build_card(view: RowView, opts: Options, info: Any = None) -> Card:
     head = (f'<h2><span>{esc(rid)}</span><span class="src">{esc(view.source)}</span>{"".join(badges)}</h2>'
             + _problems_html(view.problems))
 
-    written = _messages_html(view, opts, len(thumbs), image_tokens)
+    written = _messages_html(view, opts, n_images, image_tokens)
     if view.encoded is not None and info is not None:
         colours = {format_boxes([b.cog]): _colour(b.group) for b in view.boxes if b.cog is not None}
         for b in view.boxes:  # whole multi-box groups too

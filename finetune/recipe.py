@@ -132,14 +132,27 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     # ---- Adapters (match report and parameter table go to plan.txt) ----
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing, log=to_plan)
     if cfg.data.feature_cache:  # frozen vision features computed once (finetune/feature_cache.py)
-        from .feature_cache import attach, dataset_image_refs, precompute, release_tower, vision_module
+        from .feature_cache import (
+            attach,
+            attach_cross,
+            cross_module,
+            dataset_image_refs,
+            precompute,
+            release_tower,
+            vision_module,
+        )
 
         cache = attach(model, cfg.data.feature_cache, cfg.model.checkpoint_dir, log=log)
+        cross = attach_cross(model, cfg.data.feature_cache, cfg.model.checkpoint_dir, log=log)  # CogAgent only
         if not cfg.data.streaming:
             refs = dataset_image_refs(train_ds)
             refs += [ref for row in (eval_ds or []) for ref in row.get("images") or []]
             computed = precompute(cache, vision_module(model), refs, processor.transform_image)
             freed = release_tower(vision_module(model), cache.stage)
+            if cross is not None:
+                computed += precompute(cross, cross_module(model), refs, processor.transform_cross_image)
+                freed += release_tower(cross_module(model), cross.stage)
+                log(cross.stats())
             log(f"{cache.stats()}; {computed} computed now; {freed / 1e6:.1f}M vision weights released (every "
                 "image of the run is cached)")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

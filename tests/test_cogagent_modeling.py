@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from finetune.models.cogagent.configuration import CogAgentConfig, tiny_cogagent_config
-from finetune.models.cogagent.modeling import CogAgentForCausalLM
+from finetune.models.cogagent.modeling import CogAgentForCausalLM, CogAgentModel
+from finetune.models.cogvlm.modeling import CogVLMModel
 from finetune.tiny import _special_ids
 from tests.conftest import REFERENCE
 
@@ -100,6 +101,38 @@ def test_left_padded_batch_equals_each_row_alone():
             alone = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([tt]),
                           images=img[b:b + k] if k else None, cross_images=cross[b:b + k] if k else None).logits
             torch.testing.assert_close(together[b, -len(ids):], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_runs_cogvlms_forward_so_padding_reaches_no_expert():
+    """CogAgent adds only its cross features (`extra_layer_inputs`) to CogVLM's forward, and so inherits its
+    routing: padded positions reach neither expert (CogAgent's own forward used to run them through both)."""
+    assert CogAgentModel.forward is CogVLMModel.forward
+    model = tiny()
+    cfg = model.config
+    rows = [row(cfg, [5, 6, 7, 8, 9]), row(cfg, [10, 11])]
+    img, cross = pixels(cfg, 2, 6)
+    batch = left_pad(rows, cfg.pad_token_id)
+    seen = []
+    layer = model.model.layers[0]
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1]).shape[0]))
+             for m in (layer.self_attn.language_expert_query_key_value, layer.mlp.language_mlp.gate_proj,
+                       layer.self_attn.vision_expert_query_key_value, layer.mlp.vision_mlp.gate_proj)]
+    try:
+        with torch.no_grad():
+            model(**batch, images=img, cross_images=cross)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(seen) == 2 * int(batch["attention_mask"].sum())  # each real token once in QKV, once in the MLP
+
+
+def test_packed_rows_are_refused():
+    model = tiny()
+    cfg = model.config
+    batch = left_pad([row(cfg, [5, 6], image=False), row(cfg, [7, 8], image=False)], cfg.pad_token_id)
+    batch["attention_mask"][0, 1:] = 2  # two segments in row 0
+    with pytest.raises(ValueError, match="data.packing: false"):
+        model(**batch)
 
 
 def test_cached_generation_matches_full_forward_for_a_padded_batch():

@@ -251,11 +251,74 @@ def test_deepspeed_absence_and_bad_settings_are_clear(tmp_path):
     assert any("zero3_save_16bit_model must be true" in p for p in check_launch_config(cfg, deepspeed_available=True))
 
 
+def _naming_layer_classes(tmp_path, classes: str) -> Path:
+    """The shipped fsdp.yaml with an explicit `fsdp_transformer_layer_cls_to_wrap` (it names none itself)."""
+    path = tmp_path / "fsdp.yaml"
+    text = (CONFIG_DIR / "fsdp.yaml").read_text()
+    key = f"  fsdp_transformer_layer_cls_to_wrap: {classes}\n"
+    path.write_text(text.replace("  fsdp_version: 2\n", "  fsdp_version: 2\n" + key))
+    return path
+
+
 def test_fsdp_config_naming_other_layer_classes_is_an_error(tmp_path):
-    bad = tmp_path / "fsdp.yaml"
-    bad.write_text((CONFIG_DIR / "fsdp.yaml").read_text().replace("CogVLMDecoderLayer,", "LlamaDecoderLayer,"))
-    problems = check_launch_config(read_launch_config(bad))
-    assert any("LlamaDecoderLayer" in p and "CogVLMDecoderLayer" in p for p in problems), problems
+    problems = check_launch_config(read_launch_config(_naming_layer_classes(tmp_path, "LlamaDecoderLayer,"
+                                                                                      "TransformerLayer")))
+    assert any("LlamaDecoderLayer" in p and "CogVLMDecoderLayer" in p and "remove the key" in p
+               for p in problems), problems
+
+
+def test_fsdp_config_naming_another_familys_layer_class_stops_the_launch(tmp_path, capsys):
+    """A config written for CogVLM (CogVLMDecoderLayer) would stop accelerate at prepare on a CogAgent model."""
+    root = tmp_path / "agent"
+    base = make_tiny(1, root / "base", family="cogagent")
+    config = _naming_layer_classes(tmp_path, "CogVLMDecoderLayer,TransformerLayer")
+    assert check_launch_config(read_launch_config(config)) == []  # a layer class of some family
+    rc = launch_main([str(config), "tiny-demo", f"model.checkpoint_dir={base}", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "CogVLMDecoderLayer, not a layer class of the model" in err and "CogAgentDecoderLayer" in err
+
+
+def _tiny_family_model(family: str):
+    from finetune.models.cogagent.configuration import tiny_cogagent_config
+    from finetune.models.cogagent.modeling import CogAgentForCausalLM
+    from finetune.models.cogvlm.modeling import CogVLMForCausalLM
+    from finetune.models.cogvlm2_video.configuration import tiny_video_config
+    from finetune.models.cogvlm2_video.modeling import CogVLMVideoForCausalLM
+    from finetune.tiny import _special_ids, tiny_config
+
+    if family == "cogagent":
+        return CogAgentForCausalLM(tiny_cogagent_config(_special_ids(1)))
+    if family == "cogvlm2-video":
+        return CogVLMVideoForCausalLM(tiny_video_config())
+    return CogVLMForCausalLM(tiny_config(2))
+
+
+@pytest.mark.parametrize("config", ["fsdp", "fsdp-offload", "fsdp-multinode"])
+@pytest.mark.parametrize("family", ["cogvlm2", "cogagent", "cogvlm2-video"])
+def test_shipped_fsdp_configs_wrap_one_unit_per_layer_of_every_family(config, family):
+    """accelerate's own FSDP2 auto-wrap policy, built from the shipped config, on the peft-wrapped tiny model: one
+    unit per decoder layer and per block of each vision tower (CogAgent's cross tower too)."""
+    from collections import Counter
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from peft import LoraConfig, get_peft_model
+
+    fsdp = read_launch_config(config, {"main_process_ip": "127.0.0.1"}).raw["fsdp_config"]
+    named = fsdp.get("fsdp_transformer_layer_cls_to_wrap")
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=named.split(",") if named else None)
+    model = _tiny_family_model(family)
+    c = model.config
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=r"model\.layers\.\d+\.mlp\.language_mlp\..*"))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, peft_model)
+    units = Counter(type(m).__name__ for m in peft_model.modules() if policy(m))
+    expected = {"CogAgentDecoderLayer" if family == "cogagent" else "CogVLMDecoderLayer": c.num_hidden_layers,
+                "TransformerLayer": c.vision_config["num_hidden_layers"]}
+    if family == "cogagent":
+        expected["EVABlock"] = c.cross_vision_config["num_hidden_layers"]
+    assert units == expected
 
 
 def test_unknown_config_key_is_refused_by_accelerates_parser(tmp_path):

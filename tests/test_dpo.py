@@ -36,18 +36,27 @@ def _pairs(tmp_path, n=2):
     return pairs
 
 
-def _setup(version, tmp_path):
+def _setup(version, tmp_path, family="cogvlm"):
     from finetune.dpo import PreferenceCollator, encode_pairs
     from finetune.lora import apply_lora
-    from finetune.models.cogvlm.processing import CogVLMProcessor
+    from finetune.models import processor_class_for
     from finetune.tokenization import build_tiny_tokenizer
     from tests.conftest import build_tiny_model
 
-    model = build_tiny_model(version)
+    if family == "cogagent":  # CogVLM1 tokenizer; the cross tower reads `cross_images`
+        from finetune.models.cogagent.configuration import tiny_cogagent_config
+        from finetune.models.cogagent.modeling import CogAgentForCausalLM
+        from finetune.tiny import _special_ids
+
+        torch.manual_seed(0)
+        model = CogAgentForCausalLM(tiny_cogagent_config(_special_ids(1))).eval()
+    else:
+        model = build_tiny_model(version)
     tok = build_tiny_tokenizer(version)
-    model = apply_lora(model, LoraSection(targets=["experts"], r=4, lora_alpha=8, lora_dropout=0.0),
+    targets = ["experts", "cross_attn"] if family == "cogagent" else ["experts"]
+    model = apply_lora(model, LoraSection(targets=targets, r=4, lora_alpha=8, lora_dropout=0.0),
                        gradient_checkpointing=False, log=lambda *_: None)
-    processor = CogVLMProcessor.from_config(model.config, tok)
+    processor = processor_class_for(model.config).from_config(model.config, tok)
     rows = encode_pairs(_pairs(tmp_path), processor)
     return model, tok, rows, PreferenceCollator(processor)
 
@@ -78,12 +87,28 @@ def test_pair_encoding_scores_only_the_final_answer(tmp_path):
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["on-the-fly-ref", "precomputed-ref"])
 def test_trainer_loss_matches_hand_computed_dpo_loss(version, tmp_path, precompute):
+    _check_logged_loss(*_setup(version, tmp_path), tmp_path, precompute)
+
+
+def test_cogagent_dpo_carries_cross_images_and_logs_the_hand_computed_loss(tmp_path):
+    """CogAgent's pairs carry `cross_images` (one per image, both sides) to TRL's forward and to the hand check."""
+    model, tok, rows, collator = _setup(1, tmp_path, family="cogagent")
+    assert rows[0]["chosen_cross_images"] == rows[0]["rejected_cross_images"] == rows[0]["image_refs"]
+    batch = collator(rows)
+    assert batch["cross_images"].shape == (4, 3, 56, 56)  # 2 pairs x (chosen, rejected), one picture each
+    calls = []
+    hook = model.get_base_model().model.cross_vision.register_forward_hook(lambda *a: calls.append(1))
+    _check_logged_loss(model, tok, rows, collator, tmp_path, precompute=False)
+    hook.remove()
+    assert calls  # the cross tower ran: the cross branch is part of the scored policy and reference
+
+
+def _check_logged_loss(model, tok, rows, collator, tmp_path, precompute):
     from datasets import Dataset
     from trl import DPOConfig
 
     from finetune.dpo import CogDPOTrainer, _checkpointing_flag, dpo_sigmoid_loss, sequence_logps
 
-    model, tok, rows, collator = _setup(version, tmp_path)
     beta = 0.5
     # bf16=False: TRL's configs default to bf16 autocast, which on CPU would make the check approximate
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,

@@ -108,3 +108,68 @@ def test_memory_plan_drops_the_released_tower(task):
                 if n.startswith(("model.vision.patch_embedding", "model.vision.transformer", "model.vision.conv",
                                  "model.vision.linear_proj")))
     assert plain.total_gib - cached.total_gib >= tower * 2 / 2**30 * 0.999  # bf16 weights no longer counted
+
+
+def _adapter_pair(base, train_path, eval_path, tmp_path, *extra):
+    """(plain run's adapter, cached run's adapter, cached run's log) on `base`."""
+    out = []
+    for name, more in (("plain", ()), ("cached", (f"data.feature_cache={tmp_path / 'cache'}",))):
+        out.append(_run((base, train_path, eval_path), tmp_path / name, "train.max_steps=3", *extra, *more))
+    return out[0][1], out[1][1], out[1][2]
+
+
+def test_cogagent_caches_both_towers_and_trains_the_same_adapter(tmp_path):
+    """The 224-px tower (its `pos_embed` + GLU run live: the demo recipe trains the GLU) and the frozen 56-px cross
+    tower are both cached; the adapter equals the uncached run's."""
+    base = make_tiny(1, tmp_path / "base", seed=4, family="cogagent")
+    train_path, eval_path = write_task(tmp_path / "data", n_train=8, n_eval=2, seed=4)
+    plain, cached, log = _adapter_pair(base, train_path, eval_path, tmp_path, "lora.targets=[experts,glu_adapter]")
+    assert "tower (the GLU adapter trains)" in log and "cross tower features cached" in log
+    assert len(list((tmp_path / "cache").glob("tower-*/*.safetensors"))) == 10
+    assert len(list((tmp_path / "cache").glob("cross-*/*.safetensors"))) == 10
+    assert plain.keys() == cached.keys()
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_cogagent_trained_cross_tower_runs_live():
+    from finetune.feature_cache import attach_cross
+    from finetune.models.cogagent.configuration import tiny_cogagent_config
+    from finetune.models.cogagent.modeling import CogAgentForCausalLM
+    from finetune.tiny import _special_ids
+
+    model = CogAgentForCausalLM(tiny_cogagent_config(_special_ids(1)))
+    model.model.cross_vision.vit.model.blocks[0].attn.q_proj.weight.requires_grad_(True)
+    logs = []
+    assert attach_cross(model, "unused", "unused", log=logs.append) is None
+    assert model.model.cross_vision.feature_cache is None and "cross tower trains" in logs[0]
+    # the low-res tower's pos_embed is applied after the cache, like the GLU: training it keeps the tower cached
+    vision = model.model.vision
+    for p in vision.parameters():
+        p.requires_grad_(False)
+    vision.pos_embed.requires_grad_(True)
+    assert cache_stage(vision) == "tower"
+
+
+def test_video_frames_are_cached_one_by_one_and_train_the_same_adapter(tmp_path):
+    from finetune.models.cogvlm2_video.video import write_test_video
+    from finetune.tiny import main as make_tiny_main
+
+    assert make_tiny_main(["--family", "cogvlm2-video", "--out", str(tmp_path / "base")]) == 0
+    colours = [(220, 40, 40), (40, 180, 60), (40, 70, 220)]
+    rows = []
+    for i in range(6):  # 1 to 3 frames per clip, batches mix frame counts
+        write_test_video(tmp_path / "clips" / f"c{i}.mp4", [colours[(i + k) % 3] for k in range(1 + i % 3)], fps=1,
+                         size=(64, 48))
+        rows.append({"id": f"c{i}", "videos": [f"clips/c{i}.mp4"], "messages": [
+            {"role": "user", "content": "<video>What colour comes first?"},
+            {"role": "assistant", "content": ["red", "green", "blue"][i % 3]}]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain, cached, log = _adapter_pair(tmp_path / "base", data, data, tmp_path, "lora.targets=[language_expert]",
+                                       "data.template_version=chat", "data.max_length=128",
+                                       "train.per_device_train_batch_size=3")
+    assert "12 computed now" in log  # 1+2+3+1+2+3 frames
+    assert len(list((tmp_path / "cache").glob("glu-*/*.safetensors"))) == 3  # three distinct frames (colours)
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-6, rtol=1e-5)

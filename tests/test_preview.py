@@ -314,3 +314,34 @@ def test_page_is_written_atomically_with_the_umask(tmp_path):
         os.umask(old)
     assert path.read_text() == "<html></html>" and (path.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in path.parent.iterdir()] == ["p.html"]  # no temporary file left behind
+
+
+def test_video_rows_show_their_first_sampled_frames(tmp_path):
+    """A CogVLM2-Video row's card shows the frames the model samples (one a second), in order, captioned with their
+    time; a clip that does not decode is a problem on its card."""
+    import base64
+    import io
+
+    from finetune.models.cogvlm2_video.video import write_test_video
+
+    colours = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30), (200, 40, 200)]
+    write_test_video(tmp_path / "five.mp4", colours, fps=1, size=(64, 48))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    rows = [{"id": vid, "videos": [f"{vid}.mp4"], "messages": [{"role": "user", "content": "<video>Colours?"},
+                                                                 {"role": "assistant", "content": "several"}]}
+            for vid in ("five", "broken")]
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page, counts = build_preview(path, Options())
+    assert counts["cards"] == 2 and counts["errors"] == 1
+    data = json.loads(re.search(r'id="page-data">(.*?)</script>', page, re.S).group(1))
+    five, broken = data["cards"][0]["h"], data["cards"][1]["h"]
+    keys = [int(k) for k in re.findall(r'data-k="(\d+)"', five)]
+    assert len(keys) == 4  # the first 4 of the 5 sampled frames
+    for k, (key, colour) in enumerate(zip(keys, colours)):
+        assert f"frame {k + 1} of 5 sampled, {k:.1f} s: 64&times;48 px" in five
+        jpeg = base64.b64decode(data["images"][key].split(",", 1)[1])
+        pixel = Image.open(io.BytesIO(jpeg)).convert("RGB").getpixel((32, 24))
+        assert all(abs(a - b) <= 20 for a, b in zip(pixel, colour)), (k, pixel, colour)
+    assert "image span" not in five  # a video is not described as an image
+    assert "videos[0]" in broken and "cannot open as a video" in broken and "errors: not trained" in broken

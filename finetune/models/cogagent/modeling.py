@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...families import VISION_TOKEN_TYPE
 from ...targets import TargetSpec
 from ..cogvlm.modeling import (
-    CACHE_NAME,
     COGVLM_TARGETS,
     FULL_PRECISION_MODULES,
     CogVLMDecoderLayer,
@@ -43,10 +41,7 @@ from ..cogvlm.modeling import (
     CogVLMRMSNorm,
     EVA2CLIPModel,
     ExpertRouting,
-    _one_cache,
-    build_attention_mask,
     is_packed,
-    resolve_position_ids,
 )
 from .configuration import CogAgentConfig
 
@@ -83,7 +78,10 @@ COGAGENT_TARGETS = TargetSpec(
 
 
 class CogAgentVisionModel(EVA2CLIPModel):
-    """CogVLM1's 224-px tower with CogAgent's extra `pos_embed` (g*g, D) added to the patch features."""
+    """CogVLM1's 224-px tower with CogAgent's extra `pos_embed` (g*g, D) added to the patch features before the
+    GLU adapter; the tower, boi/eoi and the feature cache are EVA2CLIPModel's."""
+
+    projection_prefixes = ("linear_proj", "pos_embed")
 
     def __init__(self, config: CogAgentConfig) -> None:
         super().__init__(config)
@@ -91,13 +89,8 @@ class CogAgentVisionModel(EVA2CLIPModel):
         grid = vc["image_size"] // vc["patch_size"]
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, vc["hidden_size"]))  # 2-D, as in the checkpoint
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(images)  # (N, g*g+1, D)
-        x = self.transformer(x)[:, 1:]  # drop cls -> (N, g*g, D)
-        x = self.linear_proj(x + self.pos_embed.to(x.dtype)[None])  # (N, g*g, H)
-        boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
-        eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat((boi, x, eoi), dim=1)  # (N, g*g+2, H)
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_proj(x + self.pos_embed.to(x.dtype)[None])  # (N, g*g, D) -> (N, g*g, H)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,10 +252,19 @@ class CrossVisionModel(nn.Module):
         self.vit = EVALargeEncoder(config)
         grid = config.cross_grid
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, config.cross_vision_config["hidden_size"]))
+        self.feature_cache = None  # finetune/feature_cache.py (data.feature_cache): the frozen EVA-L's output
+
+    def encoder_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S', S') -> (N, g'*g', C): the EVA-L tower without cls, before pos_embed."""
+        if getattr(self, "tower_released", False):
+            raise RuntimeError("a cross image is missing from data.feature_cache and the cross tower's weights were "
+                               "released after every image of the run was cached (finetune/feature_cache.py)")
+        return self.vit(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit(images)
-        return x + self.pos_embed.to(x.dtype)[None]
+        cache = self.feature_cache
+        x = self.encoder_features(images) if cache is None else cache.lookup(images, self.encoder_features)
+        return x + self.pos_embed.to(x.dtype)[None]  # pos_embed runs live (it may train)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,59 +420,17 @@ class CogAgentModel(CogAgentPreTrainedModel, CogVLMModel):
         out[torch.tensor(rows, device=feats.device)] = feats
         return out
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        images: Any = None,
-        cross_images: Any = None,
-        position_ids: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
-        """As `CogVLMModel.forward`, plus `cross_images` (read at prefill only; later steps use the cache)."""
-        cache = _one_cache(cache, past_key_values)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids (or inputs_embeds)")
+    def extra_layer_inputs(
+        self, token_types: torch.Tensor, attention_mask: torch.Tensor | None, prefill: bool,
+        inputs_embeds: torch.Tensor, cross_images: Any = None, **inputs: Any,
+    ) -> tuple[torch.Tensor | None]:
+        """Each layer's cross features (B, P, C) from `cross_images`, read at prefill only (then the cross K/V sit in
+        the cache, and None tells the layers to read them there)."""
         if is_packed(attention_mask):
             raise ValueError("CogAgent does not take packed rows (each conversation needs its own cross image); "
                              "set data.packing: false")
-        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        n = ref.shape[1]
-        new_types, position_ids = resolve_position_ids(token_type_ids, attention_mask, position_ids, ref, past_len)
-
-        encoder_outputs = None
-        if inputs_embeds is None:
-            if past_len == 0:
-                inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill
-                encoder_outputs = self.encode_cross_images(cross_images, new_types.to(inputs_embeds.device))
-            else:
-                inputs_embeds = self.embed_tokens(input_ids)
-        if encoder_outputs is not None:
-            encoder_outputs = encoder_outputs.to(inputs_embeds.dtype)  # (B, P, C)
-
-        routing = ExpertRouting.from_token_types(new_types.to(inputs_embeds.device))
-        rope = self.layers[0].self_attn.rotary_emb(position_ids, inputs_embeds.dtype)
-        attn_mask, is_causal = build_attention_mask(attention_mask, n, past_len, inputs_embeds.device)
-
-        hidden_states = inputs_embeds  # (B, L, H)
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, encoder_outputs, routing=routing, rope=rope, attn_mask=attn_mask,
-                is_causal=is_causal, cache=cache,
-            )
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
+        encoder_outputs = self.encode_cross_images(cross_images, token_types) if prefill else None
+        return (None if encoder_outputs is None else encoder_outputs.to(inputs_embeds.dtype),)
 
 
 class CogAgentForCausalLM(CogAgentPreTrainedModel, CogVLMForCausalLM):

@@ -402,6 +402,9 @@ class GLU(nn.Module):
 class EVA2CLIPModel(nn.Module):
     """Images (N, 3, S, S) -> (N, image_tokens, H) including boi/eoi (§5)."""
 
+    # Parameter-name prefixes of `project` (after the tower): they run live when data.feature_cache holds the tower.
+    projection_prefixes: tuple[str, ...] = ("linear_proj",)
+
     def __init__(self, config: CogVLMConfig) -> None:
         super().__init__()
         vc = config.vision_config
@@ -431,9 +434,13 @@ class EVA2CLIPModel(nn.Module):
             x = self.conv(x).flatten(2).transpose(1, 2)  # (N, (g/2)^2, D) row-major
         return x
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tower features (N, P, D) -> (N, P, H): the GLU adapter into the language model's width."""
+        return self.linear_proj(x)
+
     def glu_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, P, H): tower, then the GLU adapter into the language model's width."""
-        return self.linear_proj(self.tower_features(images))
+        """(N, 3, S, S) -> (N, P, H): tower, then `project`."""
+        return self.project(self.tower_features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         cache = self.feature_cache
@@ -442,7 +449,7 @@ class EVA2CLIPModel(nn.Module):
         elif cache.stage == "glu":
             x = cache.lookup(images, self.glu_features)
         else:  # the GLU adapter trains: only the tower's output is cached
-            x = self.linear_proj(cache.lookup(images, self.tower_features))
+            x = self.project(cache.lookup(images, self.tower_features))
         # x: (N, P, H)
         boi = self.boi.to(x.dtype).expand(x.shape[0], -1, -1)
         eoi = self.eoi.to(x.dtype).expand(x.shape[0], -1, -1)
@@ -651,6 +658,19 @@ class CogVLMModel(CogVLMPreTrainedModel):
         # Row-major (batch-major) order, as the official index_put (§6).
         return inputs_embeds.masked_scatter(vision_pos[..., None], feats)
 
+    def extra_layer_inputs(
+        self, token_types: torch.Tensor, attention_mask: torch.Tensor | None, prefill: bool,
+        inputs_embeds: torch.Tensor, **inputs: Any,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The one place a family adds a per-forward input to every decoder layer: none for CogVLM.
+
+        Computed once per forward, after the embedding; each layer gets them positionally after the hidden states
+        (so gradient checkpointing carries their gradients). `token_types` (B, L) of the new tokens; `prefill`:
+        this forward embeds the prompt itself (no cache, no `inputs_embeds`), so it reads the images and the
+        family's own inputs (`inputs`: the forward's extra keywords, e.g. CogAgent's `cross_images`).
+        """
+        return ()
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -682,11 +702,15 @@ class CogVLMModel(CogVLMPreTrainedModel):
         n = ref.shape[1]
         new_types, position_ids = resolve_position_ids(token_type_ids, attention_mask, position_ids, ref, past_len)
 
+        prefill = inputs_embeds is None and past_len == 0
         if inputs_embeds is None:
             if past_len == 0:
                 inputs_embeds = self._embed(input_ids, new_types, images)  # images only at prefill (§6)
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
+        extra = self.extra_layer_inputs(
+            new_types.to(inputs_embeds.device), attention_mask, prefill, inputs_embeds, **kwargs
+        )
 
         real = attention_mask[:, -n:] != 0 if attention_mask is not None and attention_mask.dim() == 2 else None
         types = new_types.to(inputs_embeds.device)
@@ -705,8 +729,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
         hidden_states = inputs_embeds  # (B, L, H)
         for layer in self.layers:
             hidden_states = layer(
-                hidden_states, routing=routing, rope=rope, attn_mask=attn_mask, is_causal=is_causal, cache=cache,
-                segments=segments,
+                hidden_states, *extra, routing=routing, rope=rope, attn_mask=attn_mask, is_causal=is_causal,
+                cache=cache, segments=segments,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if use_cache else None})
