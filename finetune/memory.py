@@ -21,7 +21,7 @@ _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
 # How several GPUs share the training state (finetune/distributed.py ships one accelerate config per engine).
 _ENGINES = ("none", "ddp", "zero2", "zero2-offload", "zero3", "zero3-offload", "fsdp", "fsdp-offload")
-_WRAP_UNITS = ("CogVLMDecoderLayer", "TransformerLayer")  # the FSDP configs' auto-wrap classes
+_WRAP_UNITS = ("CogVLMDecoderLayer", "TransformerLayer")  # fallback when a model names no _no_split_modules
 
 
 @dataclass
@@ -76,8 +76,10 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
     # (the GLU's too when it is frozen) are released (finetune/feature_cache.py).
     cached = bool(getattr(cfg.data, "feature_cache", None)) and not cfg.data.streaming
     glu_trains = "glu_adapter" in cfg.lora.targets or "glu_adapter" in cfg.lora.modules_to_save
+    cross_trains = "cross_tower" in cfg.lora.targets or "cross_tower" in cfg.lora.modules_to_save
     cached_prefixes = ("model.vision.patch_embedding.", "model.vision.transformer.", "model.vision.conv.") + (
-        () if glu_trains else ("model.vision.linear_proj.",))
+        () if glu_trains else ("model.vision.linear_proj.",)) + (
+        () if cross_trains else ("model.cross_vision.vit.",))  # CogAgent's frozen cross tower has its own cache
     for name, p in model.named_parameters():
         if cached and name.startswith(cached_prefixes):
             released += p.numel()
@@ -208,8 +210,9 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
 def _largest_unit_bytes(model, act: int, quant_bytes: float, quantized: set[str]) -> tuple[float, float]:
     """(largest FSDP/ZeRO-3 wrap unit: one decoder or vision layer, whole; lm_head + final norm) in bytes."""
     unit = 0.0
+    classes = getattr(model, "_no_split_modules", None) or _WRAP_UNITS  # what accelerate's auto-wrap splits on
     for name, module in model.named_modules():
-        if type(module).__name__ in _WRAP_UNITS:
+        if type(module).__name__ in classes:
             size = 0.0
             for pname, p in module.named_parameters():
                 full = f"{name}.{pname}"

@@ -173,3 +173,23 @@ def test_video_frames_are_cached_one_by_one_and_train_the_same_adapter(tmp_path)
     assert len(list((tmp_path / "cache").glob("glu-*/*.safetensors"))) == 3  # three distinct frames (colours)
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_memory_plan_drops_cogagents_frozen_cross_tower_too(tmp_path):
+    """The plan releases what release_tower releases: for CogAgent also the frozen cross tower's ViT."""
+    from finetune.loading import build_meta_model
+    from finetune.memory import plan_memory
+
+    base = make_tiny(1, tmp_path / "base", seed=4, family="cogagent")
+    train_path, _ = write_task(tmp_path / "data", n_train=2, n_eval=1, seed=4)
+    meta = build_meta_model(base)
+    args = [f"model.checkpoint_dir={base}", f"data.train_path={train_path}", "lora.targets=[experts]"]
+
+    def rest_gib(*more):  # bf16 weights still held (the released ones are not)
+        plan = plan_memory(meta, load_recipe(RECIPE, [*args, *more]), 0, 0, "bfloat16")
+        return next(gib for name, gib, _ in plan.rows if name.startswith("weights: rest"))
+
+    cross = sum(p.numel() for n, p in meta.named_parameters() if n.startswith("model.cross_vision.vit."))
+    frozen = rest_gib("data.feature_cache=/tmp/x")
+    trained = rest_gib("data.feature_cache=/tmp/x", "lora.targets=[experts,cross_tower]")
+    assert cross > 0 and (trained - frozen) * 2**30 == pytest.approx(cross * 2, rel=1e-6)

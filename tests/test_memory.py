@@ -65,3 +65,17 @@ def test_plan_within_20_percent_of_a_measured_cpu_step(point):
     assert 0.8 <= r.ratio <= 1.2, cal.table([r])
     # the step's own share (activations, logits, gradients) too, where a wrong activation term shows most
     assert 0.8 <= r.step_ratio <= 1.2, cal.table([r])
+
+
+def test_sharded_plan_gathers_cogagents_largest_layer():
+    """FSDP/ZeRO-3 plans size the gathered unit from the model's own _no_split_modules (what accelerate wraps):
+    for CogAgent a decoder layer carries the cross-attention too and is larger than a vision block."""
+    from finetune.memory import _largest_unit_bytes
+    from finetune.models.cogagent.configuration import tiny_cogagent_config
+    from finetune.models.cogagent.modeling import CogAgentForCausalLM
+
+    with torch.device("meta"):
+        model = CogAgentForCausalLM(tiny_cogagent_config({"bos_token_id": 1, "pad_token_id": 0, "eos_token_id": 2}))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    unit, _ = _largest_unit_bytes(model, 2, 0.0, set())
+    assert unit == layer * 2
