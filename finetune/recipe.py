@@ -113,11 +113,14 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     template = processor.template_version
     train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, processor, log=log)
     skipped_images = None
-    if cfg.data.skip_invalid and not cfg.data.streaming:
+    if cfg.data.skip_invalid:  # images that stop decoding after validation (or, streaming, were never validated)
         import multiprocessing
 
-        skipped_images = multiprocessing.Value("i", 0)
-        train_ds = SkipBadImages(train_ds, skipped_images)
+        skipped_images = multiprocessing.Value("i", 0)  # shared with the DataLoader workers
+        if cfg.data.streaming:
+            train_ds.skipped = skipped_images  # CogVLMIterableDataset skips, counts and names file:line
+        else:
+            train_ds = SkipBadImages(train_ds, skipped_images)
     for line in step_warnings(cfg, None if cfg.data.streaming else len(train_ds), world):
         log(f"warning: {line}")
 
@@ -239,8 +242,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
                         wall_seconds=round(wall, 2))
         run_info.write(out)
         plot_curves(trainer.state.log_history, out / "curves.png")
+        images = "" if skipped_images is None else f", rows skipped for undecodable images: {skipped_images.value}"
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
-            f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
+            f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped}{images})")
     return out
 
 

@@ -3,6 +3,7 @@ when a run fails, what run.json says, and what the console shows (issues 9 and 1
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -322,6 +323,34 @@ def test_skip_invalid_skips_and_counts_undecodable_images_at_run_time(task, own_
           log=lambda *_: None, callbacks=[breaker])
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["global_step"] == 10 and run["skipped_images"] > 0
+
+
+def _corrupt_row_image(train_path, index):
+    """Make the image of row `index` undecodable; returns the row's `file:line` as messages name it."""
+    (train_path.parent / "images" / f"train_{index:04d}.png").write_bytes(b"not an image")
+    return f"{train_path}:{index + 1}: row train-{index}"
+
+
+def test_streaming_skip_invalid_skips_counts_and_names_undecodable_images(task, own_task, tmp_path, capfd):
+    """Streaming has no validation pass: with --skip-invalid a broken image skips its row, counted and named
+    once with file:line, and the run trains on (two DataLoader workers share the count)."""
+    out, where = tmp_path / "run", _corrupt_row_image(own_task, 5)
+    logs = []
+    train(_cfg(task, out, "data.streaming=true", "data.skip_invalid=true", "data.num_workers=2",
+               train_path=own_task), log=logs.append)  # 4 steps x 4 rows: one pass over the 24 rows
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["global_step"] == 4 and run["skipped_images"] == 1
+    assert capfd.readouterr().err.count(f"{where}: cannot decode image") == 1
+    assert "rows skipped for undecodable images: 1" in logs[-1]
+
+
+def test_streaming_without_skip_invalid_stops_at_an_undecodable_image_with_a_checkpoint(task, own_task, tmp_path):
+    out, where = tmp_path / "run", _corrupt_row_image(own_task, 13)  # row 13: in step 4's micro-batch
+    with pytest.raises(ValueError, match=re.escape(where) + r": cannot decode image .*--skip-invalid"):
+        train(_cfg(task, out, "data.streaming=true", "train.max_steps=6", train_path=own_task), **QUIET)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    saved, _ = newest_complete_checkpoint(out)
+    assert saved is not None and int(saved.name.split("-")[1]) >= 2  # what trained before the row is kept
 
 
 # ---- 9.1: QLoRA trains after an evaluation ----
