@@ -186,6 +186,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         # Trainer's own flag keeps its default, off (its name, gradient_/activation_checkpointing, varies by release).
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # its per-micro-batch NaN test reads the device; the kit's guard covers it
         save_strategy="steps",
         save_steps=cfg.train.save_steps,
         save_total_limit=cfg.train.save_total_limit,
@@ -244,7 +245,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         plot_curves(trainer.state.log_history, out / "curves.png")
         images = "" if skipped_images is None else f", rows skipped for undecodable images: {skipped_images.value}"
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
-            f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped}{images})")
+            f"final train loss {train_loss:.4f}, skipped non-finite steps: {trainer.skipped}{images})")
     return out
 
 
