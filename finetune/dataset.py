@@ -241,6 +241,10 @@ class CogVLMDataset(torch.utils.data.Dataset):
         return _with_images(self.encoded[i], self.processor)
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class CogVLMIterableDataset(torch.utils.data.IterableDataset):
     """Streaming view: images decoded per row, in the DataLoader worker that `datasets` gave the row's shard
     (`encode_jsonl(streaming_shards=...)`; the stream must not be split again here, or rows would be lost).
@@ -248,7 +252,8 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
     There is no validation pass before a stream, so an image that does not decode is met only here. As in
     non-streaming runs (`finetune.data_building.SkipBadImages`): with `skipped` (a counter shared with the
     DataLoader workers, e.g. `multiprocessing.Value`; given when data.skip_invalid is on) the row is skipped,
-    counted, and named once per worker with its `file:line` and the reason; without it the row stops the
+    counted, and named with its `file:line` and the reason once per process (with DataLoader workers, once per
+    pass over the data); without it the row stops the
     run with an `ImageDecodeError` naming `file:line` (the trainer saves a checkpoint first).
     """
 
@@ -256,7 +261,7 @@ class CogVLMIterableDataset(torch.utils.data.IterableDataset):
         self.encoded = encoded
         self.processor = processor
         self.skipped = skipped
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = log or _to_stderr  # a module function: the dataset is pickled to spawned DataLoader workers
         self._named: set[str] = set()  # rows already warned about in this process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

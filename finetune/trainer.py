@@ -111,7 +111,8 @@ class NonfiniteGuard(TrainerCallback):
                 finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
                 bad = bad.to(finite.device) | ~finite
         if trainer.accelerator.num_processes > 1:
-            bad = trainer.accelerator.reduce(bad.to(torch.int32), reduction="sum") > 0
+            # on the accelerator's device: NCCL reduces only GPU tensors, and offloaded gradients live on the CPU
+            bad = trainer.accelerator.reduce(bad.to(trainer.accelerator.device, torch.int32), reduction="sum") > 0
         return _read_flag(bad)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
