@@ -6,6 +6,9 @@
 Importing the package checks the installed transformers, peft, accelerate and trl against the releases the
 kit is tested with (`TESTED_VERSIONS`, the same bounds as pyproject.toml): a newer major release, whose API
 the kit has never run on, is refused with a message instead of silently producing different results.
+Library code can catch the refusal as `ImportError` (it is an `UnsupportedVersionError`); when nobody catches it
+(the `cogtune` CLI, train.py, `python -m adapters.*`, any script), the process prints the message alone, with
+no traceback, and exits with status 2: a user's environment problem, not a crash.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -57,34 +61,71 @@ def version_problems(version_of: Any = None) -> list[str]:
     """One line per installed dependency outside its tested range (missing ones are pip's business)."""
     version_of = version_of or installed_version
     problems = []
-    for name, (low, high, tested) in TESTED_VERSIONS.items():
+    for name, (low, high, tested) in _out_of_range(version_of):
         found = version_of(name)
-        if found is None:
-            continue
         if _release(found) >= _release(high):
-            problems.append(f"{name} {found} is a newer major release than the kit supports (<{high}; tested: "
-                            f"{tested}); install `{name}>={low},<{high}`")
-        elif _release(found) < _release(low):
-            problems.append(f"{name} {found} is older than the oldest supported release {low} (tested: {tested}); "
-                            f"install `{name}>={low},<{high}`")
+            problems.append(f"{name} {found} is a newer major release than the kit supports (supported: "
+                            f">={low},<{high}; tested: {tested})")
+        else:
+            problems.append(f"{name} {found} is older than the oldest supported release {low} (supported: "
+                            f">={low},<{high}; tested: {tested})")
     return problems
+
+
+def _out_of_range(version_of: Any) -> list[tuple[str, tuple[str, str, str]]]:
+    """The TESTED_VERSIONS entries whose installed release lies outside [low, high)."""
+    bad = []
+    for name, bounds in TESTED_VERSIONS.items():
+        found = version_of(name)
+        if found is not None and not _release(bounds[0]) <= _release(found) < _release(bounds[1]):
+            bad.append((name, bounds))
+    return bad
 
 
 def check_versions(version_of: Any = None) -> None:
     """Refuse untested dependency releases (see the module docstring); `COGTUNE_ALLOW_UNTESTED=1` only warns."""
+    version_of = version_of or installed_version
     problems = version_problems(version_of)
     if not problems:
         return
+    pins = " ".join(f'"{name}>={low},<{high}"' for name, (low, high, _) in _out_of_range(version_of))
     message = ("cogtune is tested with transformers, peft, accelerate and trl in the ranges below, and refuses "
                "others rather than run on an API it has never seen:\n  " + "\n  ".join(problems)
-               + f"\nSet {ALLOW_UNTESTED_ENV}=1 to run anyway (at your own risk).")
+               + f"\nFix: pip install {pins}"
+               + f"\nOr set {ALLOW_UNTESTED_ENV}=1 to run anyway (at your own risk).")
     if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return
     raise UnsupportedVersionError(message)
 
 
-check_versions()
+def _exit_cleanly_when_uncaught() -> None:
+    """Print an uncaught UnsupportedVersionError as its message alone and exit 2 (see the module docstring).
+
+    The refusal happens while `finetune` is imported, before any entry point's own code could catch it, so the
+    only place to turn it into a plain message is the interpreter's hook for uncaught exceptions. Other
+    exceptions, and a refusal that library code catches, are left exactly as they were.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "cogtune_version_hook", False):
+        return
+
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if isinstance(value, UnsupportedVersionError):
+            sys.stderr.write(f"error: {value}\n")
+            sys.stderr.flush()
+            sys.exit(2)  # SystemExit raised inside sys.excepthook sets the process's exit status
+        previous(kind, value, tb)
+
+    hook.cogtune_version_hook = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+try:
+    check_versions()
+except UnsupportedVersionError:
+    _exit_cleanly_when_uncaught()
+    raise
 
 # On CPU, bitsandbytes tries to fetch an optional kernel from the Hub and logs a warning when it cannot
 # (always, here: no network). Its pure-torch fallback is what runs and what the tests check.

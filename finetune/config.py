@@ -103,9 +103,10 @@ class TrainSection:
     save_total_limit: int = _f(3, "keep at most N checkpoints")
     report_to: list[str] = _f(["tensorboard"], "loggers: tensorboard, wandb, none ...")
     resume: str | None = _f(None, "'auto' = latest checkpoint in output.dir, or a checkpoint folder")
-    skip_nonfinite: bool = _f(True, "skip (and count) micro-batches whose loss is NaN/inf instead of stepping")
-    max_nonfinite_steps: int = _f(10, "stop with an error once this many micro-batches in a row had a NaN/inf loss "
-                                  "(the run diverged); no adapter is saved")
+    skip_nonfinite: bool = _f(True, "skip (and count) optimizer steps with a NaN/inf loss or gradient: the optimizer "
+                              "never applies them; false = stop at the first one")
+    max_nonfinite_steps: int = _f(10, "stop with an error when more than this many optimizer steps in a row had a "
+                                  "NaN/inf loss or gradient (the run diverged); no adapter is saved")
     method: Literal["sft", "dpo"] = _f("sft", "sft = supervised (data rows end with the answer); dpo = preference "
                                      "tuning through TRL (rows carry chosen/rejected, settings in the dpo section)")
 

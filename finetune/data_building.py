@@ -89,7 +89,8 @@ def build_datasets(cfg, processor, log=print):
     else:
         read_conversations(cfg.data.train_path, cfg.data.image_root, cfg, log)
     settings = dict(image_root=cfg.data.image_root, allow_outside_images=cfg.data.allow_outside_images)
-    encoded, stats = encode_jsonl(cfg.data.train_path, processor, streaming=cfg.data.streaming, **settings)
+    encoded, stats = encode_jsonl(cfg.data.train_path, processor, streaming=cfg.data.streaming,
+                                  streaming_shards=cfg.data.num_workers, **settings)  # a shard per worker
     if stats is not None:
         log(f"train: {stats}")
         for line in stats.examples:

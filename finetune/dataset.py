@@ -66,15 +66,19 @@ def _fingerprint(source: str, processor: Any, settings: dict[str, Any]) -> str:
 _LINE_FEATURES = {"line": "int64", "text": "string", "error": "string"}
 
 
-def read_lines(path: str, signature: str = "") -> Iterator[dict[str, Any]]:
+def read_lines(path: str, signature: str = "", shards: list[int] | None = None,
+               num_shards: int = 1) -> Iterator[dict[str, Any]]:
     """Non-blank lines of a JSONL file as {line, text, error}: the kit's own reader for `datasets`.
 
     Lines are split on b"\n" only (never on U+2028), a leading BOM is dropped, and each line is decoded
     on its own, so a malformed, truncated or non-UTF-8 line becomes one skipped row instead of reaching
-    pyarrow's JSON parser (which fails the whole file). `signature` only keys the cache.
+    pyarrow's JSON parser (which fails the whole file). `signature` only keys the cache. `shards` (streaming):
+    only the lines of these of `num_shards` interleaved shards (line n is in shard (n - 1) % num_shards).
     """
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if shards is not None and (lineno - 1) % num_shards not in shards:
+                continue
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
             try:
@@ -96,11 +100,14 @@ def _file_signature(path: Path) -> str:
 
 
 def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, processor: Any,
-                  allow_outside_images: bool = False, rejected: dict[int, str] | None = None) -> dict[str, list]:
+                  allow_outside_images: bool = False, rejected: dict[int, str] | None = None,
+                  with_source: bool = False) -> dict[str, list]:
     """Rows -> encoded columns; rows that are invalid or too long get a `skip` reason (filtered and counted).
 
     `rejected`: {line: reason} of rows the up-front validation refused (e.g. an image that does not
     decode), skipped here too so that what trains is exactly what validation accepted.
+    `with_source` (streaming) adds a `source` column, "file:line", so that a row whose image fails to decode
+    later, in a DataLoader worker, can be named where it is.
     """
     from data_formats.schema import loads_row, parse_row
 
@@ -133,6 +140,8 @@ def _encode_batch(batch: dict[str, list], *, path: str, base_dir: str, processor
         row = {**ex.to_dict(), "skip": skip}
         for k in columns:
             out[k].append(row.get(k))
+        if with_source:
+            out.setdefault("source", []).append(source)
     return out
 
 
@@ -143,6 +152,7 @@ def encode_jsonl(
     image_root: str | Path | None = None,
     allow_outside_images: bool = False,
     streaming: bool = False,
+    streaming_shards: int = 1,
     num_proc: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[Any, EncodeStats | None]:
@@ -152,7 +162,9 @@ def encode_jsonl(
     Returns (dataset of encoded rows with columns input_ids/token_type_ids/images (the model's per-example
     inputs)/labels/dropped_turns/id, stats). With `streaming=True` the result is a lazy `IterableDataset`,
     rows are encoded as they are read, invalid/too-long rows are skipped on the fly and stats is None (they
-    cannot be known up front).
+    cannot be known up front); the stream has `streaming_shards` interleaved shards (see `read_lines`), which
+    `datasets` hands out to DataLoader workers, one each when there are as many workers as shards (a worker
+    with no shard stops: with one shard, one worker reads every row). Give it the DataLoader's num_workers.
     Images are absolute refs (resolved against `image_root`, default the JSONL's folder, and refused
     outside it unless `allow_outside_images`), not yet decoded. Rows that `finetune.validate.load_and_validate`
     rejected for this unchanged file (undecodable images included) are skipped and counted as invalid.
@@ -168,8 +180,11 @@ def encode_jsonl(
     fn_kwargs = dict(path=str(path), base_dir=base_dir, processor=processor,
                      allow_outside_images=allow_outside_images, rejected=rejected)
     if streaming:
-        raw = IterableDataset.from_generator(read_lines, features=features, gen_kwargs={"path": str(path)})
-        encoded = raw.map(_encode_batch, batched=True, fn_kwargs=fn_kwargs, remove_columns=list(_LINE_FEATURES))
+        shards = max(1, streaming_shards)  # a list in gen_kwargs is what `datasets` shards by
+        raw = IterableDataset.from_generator(read_lines, features=features, gen_kwargs={
+            "path": str(path), "shards": list(range(shards)), "num_shards": shards})
+        encoded = raw.map(_encode_batch, batched=True, fn_kwargs={**fn_kwargs, "with_source": True},
+                          remove_columns=list(_LINE_FEATURES))
         return encoded.filter(lambda row: not row["skip"]).remove_columns(["skip"]), None
 
     signature = _file_signature(path)
@@ -226,38 +241,60 @@ class CogVLMDataset(torch.utils.data.Dataset):
         return _with_images(self.encoded[i], self.processor)
 
 
-class CogVLMIterableDataset(torch.utils.data.IterableDataset):
-    """Streaming view: DataLoader workers take every num_workers-th row; images decoded per row.
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
-    There is no validation pass before a stream, so a row whose image does not decode is skipped with a
-    message on stderr (counted in `skipped_images` of the worker's copy), like rows that fail validation.
+
+class CogVLMIterableDataset(torch.utils.data.IterableDataset):
+    """Streaming view: images decoded per row, in the DataLoader worker that `datasets` gave the row's shard
+    (`encode_jsonl(streaming_shards=...)`; the stream must not be split again here, or rows would be lost).
+
+    There is no validation pass before a stream, so an image that does not decode is met only here. As in
+    non-streaming runs (`finetune.data_building.SkipBadImages`): with `skipped` (a counter shared with the
+    DataLoader workers, e.g. `multiprocessing.Value`; given when data.skip_invalid is on) the row is skipped,
+    counted, and named with its `file:line` and the reason once per process (with DataLoader workers, once per
+    pass over the data); without it the row stops the
+    run with an `ImageDecodeError` naming `file:line` (the trainer saves a checkpoint first).
     """
 
-    def __init__(self, encoded: Any, processor: Any) -> None:
+    def __init__(self, encoded: Any, processor: Any, skipped: Any = None, log: Any = None) -> None:
         self.encoded = encoded
         self.processor = processor
-        self.skipped_images = 0
+        self.skipped = skipped
+        self.log = log or _to_stderr  # a module function: the dataset is pickled to spawned DataLoader workers
+        self._named: set[str] = set()  # rows already warned about in this process
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for i, row in enumerate(self.encoded):
-            if i % workers == worker:
-                try:
-                    item = _with_images(row, self.processor)
-                except ImageDecodeError as exc:  # streaming skips rows it cannot use, as it does invalid ones
-                    self.skipped_images += 1
-                    print(f"streaming: skipped {exc}", file=sys.stderr)
-                    continue
-                yield item
+        for row in self.encoded:  # inside a DataLoader worker, `datasets` yields only that worker's shards
+            row = dict(row)
+            source = row.pop("source", None) or "stream"
+            try:
+                item = self.processor.load_images(row)  # images: each (3, S, S)
+            except (ImageError, OSError) as exc:
+                what = f"{source}: row {row.get('id', '?')}: {exc}"
+                if self.skipped is None:
+                    raise ImageDecodeError(f"{what}; run `cogtune validate` on the data and fix or remove the "
+                                           "image, or rerun with --skip-invalid to skip such rows; then resume") \
+                        from None
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                if source not in self._named:
+                    self._named.add(source)
+                    self.log(f"skipped at run time (--skip-invalid): {what}")
+                continue
+            yield item
 
 
-def build_torch_dataset(encoded: Any, processor: Any) -> CogVLMDataset | CogVLMIterableDataset:
-    """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator."""
+def build_torch_dataset(encoded: Any, processor: Any, skipped: Any = None) -> CogVLMDataset | CogVLMIterableDataset:
+    """The right wrapper for a (streaming or not) encoded dataset; feed its items to CogVLMCollator.
+
+    `skipped` (streaming only): the shared counter that turns on skipping rows whose image does not decode
+    (see CogVLMIterableDataset); non-streaming runs wrap the result in `data_building.SkipBadImages` instead.
+    """
     from datasets import IterableDataset
 
     if isinstance(encoded, IterableDataset):
-        return CogVLMIterableDataset(encoded, processor)
+        return CogVLMIterableDataset(encoded, processor, skipped)
     return CogVLMDataset(encoded, processor)
 
 

@@ -73,21 +73,41 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
     Give it `data_collator=PreferenceCollator(...)`, a `datasets.Dataset` of `encode_pair` rows and a
     `DPOConfig` with `remove_unused_columns=False` (TRL would otherwise keep only its own column names).
 
-    The guard (as `GuardedTrainer` does for SFT, on TRL's `compute_loss`): a micro-batch whose loss is
-    NaN/inf is skipped (exact zero gradients) and counted, its metrics are dropped from the curves, and
-    more than `max_nonfinite_steps` in a row stop the run (it diverged). The logged loss is the mean over
-    the finite micro-batches of the interval.
+    The guard is the SFT run's (`finetune.trainer.NonfiniteGuard`, checked once per optimizer step): a step
+    with a NaN/inf loss or gradient is not applied and is counted, the metrics of its micro-batches are dropped
+    from the curves, and more than `max_nonfinite_steps` such steps in a row stop the run (it diverged). The
+    logged loss is the mean over the finite micro-batches of the interval.
     """
 
+    loss_name = "DPO loss"
     skip_nonfinite: bool = True
     max_nonfinite_steps: int = 10
     skipped: int = 0
     _nonfinite_run: int = 0
     _int_skipped: int = 0
-    _int_sum: float = 0.0
-    _int_n: int = 0
+    _int_sum: torch.Tensor | float = 0.0
+    _int_n: torch.Tensor | int = 0
     run_loss_sum: float = 0.0
     run_loss_n: int = 0
+    _step_metrics: dict[str, int] | None = None  # lengths of TRL's metric lists when the pending step began
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from .trainer import NonfiniteGuard
+
+        self.nonfinite_guard = NonfiniteGuard(self)
+        self.add_callback(self.nonfinite_guard)
+
+    def divergence_hint(self) -> str:
+        return (f"Lower train.learning_rate (now {self.args.learning_rate:g}) or dpo.beta (now {self.args.beta:g}), "
+                "and check the pairs with `cogtune validate`.")
+
+    def after_step_check(self, bad: bool) -> None:
+        """A step the guard drops leaves nothing in the curves: its micro-batches' metrics go too."""
+        if bad and self._step_metrics is not None:
+            for key, values in self._metrics["train"].items():
+                del values[self._step_metrics.get(key, 0):]
+        self._step_metrics = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Already tokenized with Cog image spans and token types by `encode_pair`; TRL's tokenization
@@ -98,44 +118,29 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from .trainer import DivergedError, guard_nonfinite
-
-        metrics = self._metrics["train"]
-        logged = {k: len(v) for k, v in metrics.items()}
+        if self._step_metrics is None:  # the first micro-batch of an optimizer step
+            self._step_metrics = {k: len(v) for k, v in self._metrics["train"].items()}
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        if bool(torch.isfinite(loss)):
-            self._nonfinite_run = 0
-            self._int_sum += float(loss.detach())
-            self._int_n += 1
-            return result
-        for key, values in metrics.items():  # a skipped micro-batch leaves no NaN in the curves
-            del values[logged.get(key, 0):]
-        self._int_skipped += 1
-        self._nonfinite_run += 1
-        if self._nonfinite_run > self.max_nonfinite_steps:
-            raise DivergedError(
-                f"training diverged at step {self.state.global_step}: {self._nonfinite_run} micro-batches in a row "
-                f"had a non-finite DPO loss (train.max_nonfinite_steps={self.max_nonfinite_steps}); no adapter was "
-                f"saved. Lower train.learning_rate (now {self.args.learning_rate:g}) or dpo.beta (now "
-                f"{self.args.beta:g}), and check the pairs with `cogtune validate`.")
-        if self.skip_nonfinite:
-            loss, _ = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
-            self.skipped += 1
+        raw = loss.detach().float()
+        loss, finite = self.nonfinite_guard.observe(loss, model)  # no host read per micro-batch
+        self._int_sum = self._int_sum + torch.where(finite, raw, 0.0)
+        self._int_n = self._int_n + finite.long()
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and "train_loss" not in logs:  # a training log line: the finite-only mean
-            if self._int_n:
-                logs["loss"] = round(self._int_sum / self._int_n, 4)
-            else:  # every micro-batch of the interval was skipped: nothing to report as a loss
+            total, n = float(self._int_sum), int(self._int_n)  # the host reads of the interval
+            if n:
+                logs["loss"] = round(total / n, 4)
+            else:  # every micro-batch of the interval was non-finite: nothing to report as a loss
                 del logs["loss"]
             if self._int_skipped:
                 logs["skipped_nonfinite_in_interval"] = self._int_skipped
             logs["skipped_nonfinite"] = self.skipped
-            self.run_loss_sum += self._int_sum
-            self.run_loss_n += self._int_n
+            self.run_loss_sum += total
+            self.run_loss_n += n
             self._int_sum, self._int_n, self._int_skipped = 0.0, 0, 0
             metrics = self._metrics["train"]
             for key in [k for k, v in metrics.items() if not v]:  # emptied by skipped micro-batches: no point
@@ -144,12 +149,12 @@ class CogDPOTrainer(_DPOTrainer):  # type: ignore[misc, valid-type]
 
     def run_train_loss(self) -> float | None:
         """Mean DPO loss over every finite micro-batch of the run (resumed parts included)."""
-        n = self.run_loss_n + self._int_n
-        return (self.run_loss_sum + self._int_sum) / n if n else None
+        n = self.run_loss_n + int(self._int_n)
+        return (self.run_loss_sum + float(self._int_sum)) / n if n else None
 
     # ---- state that checkpoints carry beside the Trainer's own (CheckpointCallback writes it) ----
     def run_state(self) -> dict:
-        return {"loss_sum": self.run_loss_sum + self._int_sum, "loss_count": self.run_loss_n + self._int_n,
+        return {"loss_sum": self.run_loss_sum + float(self._int_sum), "loss_count": self.run_loss_n + int(self._int_n),
                 "skipped_nonfinite": self.skipped}
 
     def restore_run_state(self, state: dict) -> None:
@@ -328,6 +333,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
         # it and warns on the old one).
         **{_checkpointing_flag(): False},
         logging_steps=cfg.train.logging_steps, logging_first_step=True, save_strategy="steps",
+        logging_nan_inf_filter=False,  # its per-micro-batch NaN test reads the device; the kit's guard covers it
         save_steps=cfg.train.save_steps, save_total_limit=cfg.train.save_total_limit,
         eval_strategy="steps" if eval_rows and cfg.eval.eval_steps else "no", eval_steps=cfg.eval.eval_steps or None,
         report_to=[r for r in cfg.train.report_to if r != "none"] or "none",
@@ -372,7 +378,7 @@ def train_dpo(cfg: Any, out: Any, resume: Any, run_info: Any, is_main: bool, log
         plot_dpo_curves(trainer.state.log_history, out / "curves.png", before, after)
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s"
             + (f", final DPO loss {train_loss:.4f}" if train_loss is not None else "")
-            + f", skipped non-finite micro-batches: {trainer.skipped})")
+            + f", skipped non-finite steps: {trainer.skipped})")
     return out
 
 

@@ -113,11 +113,14 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     template = processor.template_version
     train_ds, eval_ds, eval_convs, collator = build_datasets(cfg, processor, log=log)
     skipped_images = None
-    if cfg.data.skip_invalid and not cfg.data.streaming:
+    if cfg.data.skip_invalid:  # images that stop decoding after validation (or, streaming, were never validated)
         import multiprocessing
 
-        skipped_images = multiprocessing.Value("i", 0)
-        train_ds = SkipBadImages(train_ds, skipped_images)
+        skipped_images = multiprocessing.Value("i", 0)  # shared with the DataLoader workers
+        if cfg.data.streaming:
+            train_ds.skipped = skipped_images  # CogVLMIterableDataset skips, counts and names file:line
+        else:
+            train_ds = SkipBadImages(train_ds, skipped_images)
     for line in step_warnings(cfg, None if cfg.data.streaming else len(train_ds), world):
         log(f"warning: {line}")
 
@@ -196,6 +199,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
         # Trainer's own flag keeps its default, off (its name, gradient_/activation_checkpointing, varies by release).
         logging_steps=cfg.train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # its per-micro-batch NaN test reads the device; the kit's guard covers it
         save_strategy="steps",
         save_steps=cfg.train.save_steps,
         save_total_limit=cfg.train.save_total_limit,
@@ -252,8 +256,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
                         wall_seconds=round(wall, 2))
         run_info.write(out)
         plot_curves(trainer.state.log_history, out / "curves.png")
+        images = "" if skipped_images is None else f", rows skipped for undecodable images: {skipped_images.value}"
         log(f"saved adapter to {out / 'adapter'} ({trainer.state.global_step} steps, {wall:.1f}s, "
-            f"final train loss {train_loss:.4f}, skipped non-finite micro-batches: {trainer.skipped})")
+            f"final train loss {train_loss:.4f}, skipped non-finite steps: {trainer.skipped}{images})")
     return out
 
 

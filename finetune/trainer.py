@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 
 def keep_4bit_layers_trainable(model) -> int:
@@ -49,18 +49,113 @@ def guard_nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> tuple[tor
 
 
 class DivergedError(ValueError):
-    """Training diverged: too many non-finite losses in a row, or non-finite trained weights."""
+    """Training diverged: too many non-finite optimizer steps in a row, or non-finite trained weights."""
+
+
+def _read_flag(flag: torch.Tensor) -> bool:
+    """The guard's device -> host read (a GPU sync): once per optimizer step (tests count the calls)."""
+    return bool(flag)
+
+
+class NonfiniteGuard(TrainerCallback):
+    """The divergence guard SFT (`GuardedTrainer`) and DPO (`finetune.dpo.CogDPOTrainer`) share.
+
+    Reading `isfinite(loss)` on the host for every micro-batch stalls a GPU once per micro-batch. Instead
+    `observe` ORs each micro-batch's verdict into a flag that stays on the device, and once per optimizer step,
+    just before the optimizer runs (after clipping), the flag and the gradients are read together, with one
+    host read (reduced over ranks first, so that every rank decides alike). A bad step never reaches the
+    optimizer: its gradients are dropped (an optimizer leaves a parameter without a gradient untouched:
+    weights, moments and weight decay alike; under fp16 loss scaling they are set to NaN so that the scaler
+    skips the step), and it is counted (`trainer.skipped`). More than `trainer.max_nonfinite_steps` bad steps
+    in a row, or one with `trainer.skip_nonfinite` off, stop the run with a `DivergedError` (nothing saved).
+
+    DeepSpeed applies the optimizer step inside the last micro-batch's backward, before that check can run;
+    there each micro-batch is read on the host and a non-finite one contributes exact zero gradients
+    (`guard_nonfinite`), as the kit did everywhere before.
+
+    The trainer provides `skip_nonfinite`, `max_nonfinite_steps`, `skipped`, `_nonfinite_run`, `_int_skipped`,
+    `loss_name`, `divergence_hint()` and `after_step_check(bad)`.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.flag: torch.Tensor | None = None  # device bool: a micro-batch of the pending step was non-finite
+
+    def _steps_inside_backward(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def observe(self, loss: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, device bool: this micro-batch's loss is finite), without a host read.
+
+        A non-finite loss is backpropagated as 0 (its step is dropped before the optimizer sees it anyway), so
+        that the Trainer's own loss bookkeeping stays finite.
+        """
+        finite = torch.isfinite(loss.detach())
+        self.flag = ~finite if self.flag is None else self.flag | ~finite
+        if self._steps_inside_backward():
+            if _read_flag(finite):
+                return loss, finite
+            return guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])[0], finite
+        return torch.where(finite, loss, torch.zeros_like(loss)), finite
+
+    def _step_is_bad(self) -> bool:
+        trainer = self.trainer
+        bad = self.flag if self.flag is not None else torch.zeros((), dtype=torch.bool)
+        self.flag = None
+        if not self._steps_inside_backward():
+            grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+            if grads:
+                finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+                bad = bad.to(finite.device) | ~finite
+        if trainer.accelerator.num_processes > 1:
+            # on the accelerator's device: NCCL reduces only GPU tensors, and offloaded gradients live on the CPU
+            bad = trainer.accelerator.reduce(bad.to(trainer.accelerator.device, torch.int32), reduction="sum") > 0
+        return _read_flag(bad)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        bad = self._step_is_bad()
+        trainer.after_step_check(bad)
+        if not bad:
+            trainer._nonfinite_run = 0
+            return
+        trainer.skipped += 1
+        trainer._int_skipped += 1
+        trainer._nonfinite_run += 1
+        if not trainer.skip_nonfinite or trainer._nonfinite_run > trainer.max_nonfinite_steps:
+            why = (f"train.max_nonfinite_steps={trainer.max_nonfinite_steps}" if trainer.skip_nonfinite
+                   else "train.skip_nonfinite=false")
+            raise DivergedError(
+                f"training diverged at step {state.global_step + 1}: {trainer._nonfinite_run} optimizer step(s) in a "
+                f"row had a non-finite {trainer.loss_name} or gradient ({why}); the optimizer did not apply it and "
+                f"no adapter was saved. {trainer.divergence_hint()}")
+        if self._steps_inside_backward():
+            return  # DeepSpeed has stepped already, on the finite micro-batches only
+        nan_for_scaler = getattr(trainer.accelerator, "scaler", None) is not None
+        for group in trainer.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if nan_for_scaler:
+                        p.grad.fill_(float("nan"))
+                    else:
+                        p.grad = None
 
 
 class GuardedTrainer(Trainer):
     """transformers' Trainer, changed in `compute_loss` (its documented extension point) and `log`.
 
     The model computes the loss itself (token-weighted through `num_items_in_batch`, lm_head on
-    labelled positions only); this adds the non-finite guard: such micro-batches are skipped and counted,
-    and `max_nonfinite_steps` of them in a row stop the run (it diverged). The logged loss is the
-    token-weighted mean over the finite micro-batches of the interval (a skipped one is not a loss of 0),
+    labelled positions only); this adds the non-finite guard (`NonfiniteGuard`, checked once per optimizer
+    step): a step with a NaN/inf loss or gradient is not applied and is counted, and more than
+    `max_nonfinite_steps` of them in a row stop the run (it diverged). The logged loss is the
+    token-weighted mean over the finite micro-batches of the interval (a non-finite one is not a loss of 0),
     and the run's train loss covers every finite micro-batch since step 0, across resumes.
     """
+
+    loss_name = "loss"
 
     skip_nonfinite: bool = True
     max_nonfinite_steps: int = 10
@@ -79,33 +174,32 @@ class GuardedTrainer(Trainer):
     _log_tokens: int = 0
     eval_seconds: float = 0.0  # time spent in EvalCallback, left out of tokens/s
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nonfinite_guard = NonfiniteGuard(self)
+        self.add_callback(self.nonfinite_guard)
+
+    def divergence_hint(self) -> str:
+        return (f"Lower train.learning_rate (now {self.args.learning_rate:g}) or raise train.warmup_steps, and check "
+                "the data with `cogtune validate`.")
+
+    def after_step_check(self, bad: bool) -> None:
+        """Called by the guard once per optimizer step, before a bad step is dropped (nothing to do for SFT)."""
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self.tokens_seen = self.tokens_seen + (inputs["attention_mask"] > 0).sum().detach()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        if model.training:
+        if model.training:  # device-side bookkeeping only: no host read per micro-batch
+            raw = loss.detach().float()
+            loss, finite = self.nonfinite_guard.observe(loss, model)
             labelled = (inputs["labels"][:, 1:] != -100).sum().detach()
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                scale = num_items_in_batch / self.accelerator.num_processes if num_items_in_batch is not None \
-                    else labelled
-                self._int_sum = self._int_sum + loss.detach().float() * scale
-                self._int_tokens = self._int_tokens + labelled
-                self._nonfinite_run = 0
-            else:
-                self._int_skipped += 1
-                self._nonfinite_run += 1
-                if self._nonfinite_run > self.max_nonfinite_steps:
-                    raise DivergedError(
-                        f"training diverged at step {self.state.global_step}: {self._nonfinite_run} micro-batches in "
-                        f"a row had a non-finite loss (train.max_nonfinite_steps={self.max_nonfinite_steps}); no "
-                        f"adapter was saved. Lower train.learning_rate (now {self.args.learning_rate:g}) or raise "
-                        "train.warmup_steps, and check the data with `cogtune validate`.")
-            if self.skip_nonfinite and not finite:
-                loss, _ = guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])
-                self.skipped += 1
+            scale = num_items_in_batch / self.accelerator.num_processes if num_items_in_batch is not None \
+                else labelled
+            self._int_sum = self._int_sum + torch.where(finite, raw * scale, 0.0)
+            self._int_tokens = self._int_tokens + torch.where(finite, labelled, 0)
         return (loss, result[1]) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

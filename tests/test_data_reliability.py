@@ -4,7 +4,9 @@ root, every image decode-checked before training, malformed rows skipped (never 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
 import stat
 import sys
 
@@ -241,9 +243,15 @@ def test_streaming_skips_rows_whose_image_does_not_decode(tmp_path, capsys):
             {"id": "c", "images": ["red.png"], "messages": QA}]
     path = _jsonl(tmp_path / "train.jsonl", rows)
     stream, _ = encode_jsonl(path, _processor(), streaming=True)
-    tds = build_torch_dataset(stream, _processor())
-    assert [item["id"] for item in tds] == ["a", "c"] and tds.skipped_images == 1
-    assert "skipped row b" in capsys.readouterr().err
+    skipped = multiprocessing.Value("i", 0)  # --skip-invalid: the counter shared with DataLoader workers
+    tds = build_torch_dataset(stream, _processor(), skipped)
+    assert [item["id"] for item in tds] == ["a", "c"] and skipped.value == 1
+    assert [item["id"] for item in tds] == ["a", "c"] and skipped.value == 2  # counted per pass, named once
+    err = capsys.readouterr().err
+    assert err.count(f"{path}:2: row b: cannot decode image") == 1
+    # without --skip-invalid the row stops the stream, named file:line, the way out included
+    with pytest.raises(ImageDecodeError, match=rf"{re.escape(str(path))}:2: row b: cannot decode .*--skip-invalid"):
+        list(build_torch_dataset(stream, _processor()))
 
 
 # ---------------------------------------------------------------------------------------------

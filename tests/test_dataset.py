@@ -71,6 +71,20 @@ def test_streaming_gives_the_same_rows(jsonl, tmp_path):
     assert isinstance(build_torch_dataset(stream, processor(cfg, tok)), CogVLMIterableDataset)
 
 
+def test_streaming_with_workers_reads_every_row_once(tmp_path):
+    """`datasets` hands a stream's shards to DataLoader workers; splitting again by row index lost half the rows."""
+    from adapters.demo import write_task
+
+    train, _ = write_task(tmp_path / "data", n_train=10, n_eval=1, seed=1)
+    proc = processor(tiny_config(2), build_tiny_tokenizer(2))
+    for workers in (0, 2):
+        stream, _ = encode_jsonl(train, proc, streaming=True, streaming_shards=workers)
+        loader = torch.utils.data.DataLoader(build_torch_dataset(stream, proc), batch_size=1, num_workers=workers,
+                                             collate_fn=lambda items: items)
+        seen = sorted(int(batch[0]["id"].split("-")[1]) for batch in loader)
+        assert seen == list(range(10)), workers
+
+
 def test_torch_dataset_decodes_lazily_and_collates(jsonl, tmp_path):
     tok, cfg = build_tiny_tokenizer(2), tiny_config(2)
     ds, _ = encode_jsonl(jsonl, processor(cfg, tok), cache_dir=tmp_path / "cache")

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import TrainerCallback
 
 from data_formats.preference import parse_pair
 from finetune.config import LoraSection
 
 from .test_recipe import _StopAt
-from .test_run_folder import _Logs
+from .test_run_folder import PoisonWeights, _Logs
 
 
 def _pairs(tmp_path, n=2):
@@ -291,9 +292,33 @@ def test_dpo_nonfinite_weights_are_never_saved(dpo_data, tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(DivergedError, match="hold NaN/inf"):
-        train(_dpo_cfg(dpo_data, out, "train.learning_rate=1e30", "train.max_steps=2", "train.skip_nonfinite=false",
-                       "train.max_nonfinite_steps=1000", "data.eval_path=null"), log=lambda *_: None)
+        train(_dpo_cfg(dpo_data, out, "train.max_steps=2", "data.eval_path=null"), log=lambda *_: None,
+              callbacks=[PoisonWeights(2)])
     assert not (out / "adapter").exists()
+
+
+def test_dpo_shares_the_step_guard_and_never_applies_a_nonfinite_step(dpo_data, tmp_path):
+    """With skipping off, the first non-finite DPO step stops the run before the optimizer applies it."""
+    from finetune.recipe import train
+    from finetune.trainer import DivergedError
+
+    out, weights = tmp_path / "run", _Weights()
+    with pytest.raises(DivergedError, match=r"diverged at step 2: .*non-finite DPO loss.*skip_nonfinite=false"):
+        train(_dpo_cfg(dpo_data, out, "train.learning_rate=1e30", "train.max_steps=4", "train.skip_nonfinite=false",
+                       "train.warmup_steps=0", "data.eval_path=null"), log=lambda *_: None, callbacks=[weights])
+    assert not (out / "adapter").exists()
+    assert weights.after_steps == 1 and all(torch.isfinite(w).all() for w in weights.now())  # only step 1 applied
+
+
+class _Weights(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model, self.after_steps = model, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_steps = state.global_step
+
+    def now(self):
+        return [p.detach() for p in self.model.parameters() if p.requires_grad]
 
 
 def test_check_runs_a_dpo_overfit_and_requires_the_loss_to_drop(dpo_data, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from adapters.demo import RECIPE, write_task
 from finetune.config import load_recipe
 from finetune.recipe import train
 from finetune.tiny import make_tiny
-from finetune.trainer import guard_nonfinite
+from finetune.trainer import DivergedError, guard_nonfinite
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,41 @@ def test_nonfinite_loss_is_skipped_with_zero_gradients():
     loss.backward()
     assert skipped and loss.item() == 0.0
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in lin.parameters())
+
+
+@pytest.mark.parametrize("fp16_scaler", [False, True])
+def test_step_guard_keeps_a_bad_step_from_the_optimizer(fp16_scaler):
+    """An inf loss whose gradients are finite (inf added as a constant) would still move AdamW's weights
+    (weight decay) if stepped; the guard drops the step: no gradient (plain optimizers skip such a parameter),
+    or NaN gradients under fp16 loss scaling, so that the GradScaler skips it."""
+    from types import SimpleNamespace
+
+    from finetune.trainer import NonfiniteGuard
+
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, weight_decay=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0) if fp16_scaler else None
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(scaler=scaler, num_processes=1, distributed_type="NO"), optimizer=opt,
+        skip_nonfinite=True, max_nonfinite_steps=10, skipped=0, _int_skipped=0, _nonfinite_run=0,
+        loss_name="loss", divergence_hint=lambda: "", after_step_check=lambda bad: None)
+    guard = NonfiniteGuard(trainer)
+    before = [p.detach().clone() for p in lin.parameters()]
+    loss, finite = guard.observe(lin(torch.ones(1, 3)).sum() + float("inf"), lin)
+    (scaler.scale(loss) if scaler else loss).backward()
+    assert not bool(finite) and all(torch.isfinite(p.grad).all() for p in lin.parameters())
+    guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, lin.parameters()))
+    assert trainer.skipped == 1 and not opt.state  # the optimizer never took the step
+    trainer.skip_nonfinite = False
+    guard.observe(torch.tensor(float("nan")), lin)
+    with pytest.raises(DivergedError, match=r"diverged at step 1: 2 optimizer step.*skip_nonfinite=false"):
+        guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None)
 
 
 def test_check_passes_and_fails_when_loss_cannot_drop(task, tmp_path, capsys):

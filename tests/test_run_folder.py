@@ -2,9 +2,12 @@
 when a run fails, what run.json says, and what the console shows (issues 9 and 14)."""
 
 import json
+import math
 import os
+import re
 import shutil
 import stat
+import sys
 
 import pytest
 import torch
@@ -245,12 +248,102 @@ def test_diverged_run_fails_without_saving_an_adapter(task, tmp_path):
     assert any("skipped_nonfinite_in_interval" in h and "loss" not in h for h in logs.history)
 
 
+class PoisonWeights(TrainerCallback):
+    """After optimizer step `step`, a trained weight holds NaN (the last line of defence must catch it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+
+
 def test_nonfinite_weights_are_never_saved(task, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DivergedError, match="hold NaN/inf"):
-        train(_cfg(task, out, "train.learning_rate=1e30", "train.max_steps=6", "train.save_steps=1000",
-                   "train.skip_nonfinite=false", "train.max_nonfinite_steps=1000", "train.warmup_steps=0"), **QUIET)
+        train(_cfg(task, out, "train.max_steps=2", "train.save_steps=1000"), callbacks=[PoisonWeights(2)], **QUIET)
     assert not (out / "adapter").exists()
+
+
+class NanMicroBatch(TrainerCallback):
+    """The loss of training forward number `at` (1-based, over the run) becomes NaN, through the graph (so its
+    gradients are NaN too); the trainable weights are kept after every optimizer step."""
+
+    def __init__(self, at, reads):
+        self.at, self.forwards, self.weights, self.adam_steps = at, 0, {}, None
+        self.reads, self.reads_in_training = reads, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        self.weights[0] = self.trainable()
+
+        def poison(module, inputs, output):
+            if module.training:
+                self.forwards += 1
+                if self.forwards == self.at:
+                    output.loss = output.loss * float("nan")
+            return output
+
+        model.register_forward_hook(poison)
+
+    def trainable(self):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights[state.global_step] = self.trainable()
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        self.adam_steps = {int(st["step"]) for st in optimizer.state.values()}
+        self.reads_in_training = len(self.reads)  # before the final weight check, which reads every tensor
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def flag_reads(monkeypatch):
+    """Device -> host reads the kit's trainers make as `bool(tensor)` (how a guard reads a flag on the host)."""
+    reads, real = [], torch.Tensor.__bool__
+
+    def counting(self):
+        if sys._getframe(1).f_code.co_filename.endswith(("finetune/trainer.py", "finetune/dpo.py")):
+            reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting)
+    return reads
+
+
+GA4 = ("train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=4", "train.warmup_steps=0",
+       "train.save_steps=1000", "train.max_steps=3")
+
+
+def test_nan_in_micro_batch_2_of_4_stops_before_the_optimizer_applies_it(task, tmp_path, flag_reads):
+    out, probe = tmp_path / "run", NanMicroBatch(4 + 2, flag_reads)  # step 2, micro-batch 2 of 4
+    with pytest.raises(DivergedError, match=r"diverged at step 2: 1 optimizer step.*max_nonfinite_steps=0"):
+        train(_cfg(task, out, *GA4, "train.max_nonfinite_steps=0"), callbacks=[probe], **QUIET)
+    assert probe.forwards == 8 and len(flag_reads) == 2  # 8 micro-batches, one host read per optimizer step
+    assert not _same(probe.weights[0], probe.weights[1])  # step 1 trained
+    assert _same(probe.trainable(), probe.weights[1])  # step 2 was never applied
+    assert not (out / "adapter").exists() and not list(out.glob("checkpoint-*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "diverged at step 2" in run["error"]
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(task, tmp_path, flag_reads):
+    out, probe, logs = tmp_path / "run", NanMicroBatch(4 + 2, flag_reads), _Logs()
+    train(_cfg(task, out, *GA4), callbacks=[probe, logs], **QUIET)  # default: skip and count
+    assert probe.reads_in_training == 3  # 12 micro-batches, 3 optimizer steps
+    assert _same(probe.weights[2], probe.weights[1]) and not _same(probe.weights[3], probe.weights[2])
+    assert probe.adam_steps == {2}  # the skipped step never reached the optimizer (moments untouched)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["skipped_nonfinite"] == 1 and math.isfinite(run["train_loss"])
+    lines = [h for h in logs.history if "skipped_nonfinite" in h]  # one per step (logging_steps=1)
+    assert [h.get("skipped_nonfinite_in_interval", 0) for h in lines] == [0, 1, 0]
+    assert all(math.isfinite(h["loss"]) for h in lines)  # the step's finite micro-batches still make its loss
 
 
 def test_log_reports_finite_mean_only():
@@ -322,6 +415,34 @@ def test_skip_invalid_skips_and_counts_undecodable_images_at_run_time(task, own_
           log=lambda *_: None, callbacks=[breaker])
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["global_step"] == 10 and run["skipped_images"] > 0
+
+
+def _corrupt_row_image(train_path, index):
+    """Make the image of row `index` undecodable; returns the row's `file:line` as messages name it."""
+    (train_path.parent / "images" / f"train_{index:04d}.png").write_bytes(b"not an image")
+    return f"{train_path}:{index + 1}: row train-{index}"
+
+
+def test_streaming_skip_invalid_skips_counts_and_names_undecodable_images(task, own_task, tmp_path, capfd):
+    """Streaming has no validation pass: with --skip-invalid a broken image skips its row, counted and named
+    once with file:line, and the run trains on (two DataLoader workers share the count)."""
+    out, where = tmp_path / "run", _corrupt_row_image(own_task, 5)
+    logs = []
+    train(_cfg(task, out, "data.streaming=true", "data.skip_invalid=true", "data.num_workers=2",
+               train_path=own_task), log=logs.append)  # 4 steps x 4 rows: one pass over the 24 rows
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["global_step"] == 4 and run["skipped_images"] == 1
+    assert capfd.readouterr().err.count(f"{where}: cannot decode image") == 1
+    assert "rows skipped for undecodable images: 1" in logs[-1]
+
+
+def test_streaming_without_skip_invalid_stops_at_an_undecodable_image_with_a_checkpoint(task, own_task, tmp_path):
+    out, where = tmp_path / "run", _corrupt_row_image(own_task, 13)  # row 13: in step 4's micro-batch
+    with pytest.raises(ValueError, match=re.escape(where) + r": cannot decode image .*--skip-invalid"):
+        train(_cfg(task, out, "data.streaming=true", "train.max_steps=6", train_path=own_task), **QUIET)
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    saved, _ = newest_complete_checkpoint(out)
+    assert saved is not None and int(saved.name.split("-")[1]) >= 2  # what trained before the row is kept
 
 
 # ---- 9.1: QLoRA trains after an evaluation ----
