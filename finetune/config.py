@@ -556,6 +556,9 @@ def _check_values(cfg: RunConfig, where: _Where | str) -> list[str]:
         bad("dpo.label_smoothing", "must be in [0, 0.5) (0 = plain DPO)")
     if cfg.dpo.start_adapter is not None and not Path(cfg.dpo.start_adapter).is_dir():
         bad("dpo.start_adapter", "no such adapter folder; give an SFT run's adapter/ folder, or null")
+    if t.method == "dpo" and cfg.data.feature_cache:
+        bad("data.feature_cache", "preference tuning does not use the feature cache yet (the vision tower runs "
+            "live in DPO); remove data.feature_cache or set it to null for train.method=dpo")
     if not o.dir:
         p.append(f"{where('output.dir')}: 'output.dir' is empty; give the run folder, e.g. output.dir=out/my-run")
     return p

@@ -266,3 +266,12 @@ def test_real_model_recipes_have_an_eval_path_slot():
         assert "eval_path:" in text, f"{recipe.name}: add a data.eval_path slot so runs report eval predictions"
         if cfg.model.family:
             assert "data.eval_path=" in text, f"{recipe.name}: the Run: line should show data.eval_path=..."
+
+
+def test_dpo_refuses_the_feature_cache_instead_of_ignoring_it():
+    """DPO runs the vision tower live: a feature_cache key would be silently ignored, so it is an error."""
+    with pytest.raises(ConfigError) as err:
+        load_recipe("cogvlm2-dpo", ["data.feature_cache=/tmp/cache"])
+    (line,) = [p for p in err.value.problems if "feature_cache" in p]
+    assert "train.method=dpo" in line and "remove data.feature_cache" in line
+    assert load_recipe("cogvlm2-lora", ["data.feature_cache=/tmp/cache"]).data.feature_cache == "/tmp/cache"
