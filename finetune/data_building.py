@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 
@@ -30,6 +31,39 @@ class SkipBadImages(torch.utils.data.Dataset):
                     self.counter.value += 1
                 self.log(f"skipped at run time (--skip-invalid): row {(i + attempt) % len(self.base)}: {err}")
         raise ValueError("64 rows in a row have images that cannot be decoded; run `cogtune validate` on the data")
+
+
+class WithRowIndex:
+    """The training collator plus `row_index`, a (N,) long tensor of the dataset rows in the micro-batch (packed
+    rows included), so that the divergence guard can name the rows of a bad step. Items without one (streamed
+    rows) add nothing; the trainer removes the key before the model runs."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        flat = [x for item in items for x in (item if isinstance(item, (list, tuple)) else [item])]
+        index = [x.get("row_index") for x in flat if isinstance(x, dict)]
+        batch = self.collator([strip_row_index(item) for item in items])
+        if index and all(i is not None for i in index):
+            batch["row_index"] = torch.tensor(index, dtype=torch.long)  # (N,)
+        return batch
+
+
+def strip_row_index(item: Any) -> Any:
+    """The item without the `row_index` bookkeeping key (a packed list item by item)."""
+    if isinstance(item, (list, tuple)):
+        return [strip_row_index(x) for x in item]
+    if isinstance(item, dict) and "row_index" in item:
+        return {k: v for k, v in item.items() if k != "row_index"}
+    return item
+
+
+def row_namer(dataset: Any) -> Any:
+    """The `row_name` of the `CogVLMDataset` under the wrappers (packing, skipping), or None (streaming)."""
+    while dataset is not None and not hasattr(dataset, "row_name"):
+        dataset = getattr(dataset, "base", None)
+    return getattr(dataset, "row_name", None)
 
 
 # Recipe keys that are settings of some families' processors only (data.X -> processor setting X).

@@ -238,7 +238,11 @@ class CogVLMDataset(torch.utils.data.Dataset):
         return len(self.encoded)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return _with_images(self.encoded[i], self.processor)
+        return {**_with_images(self.encoded[i], self.processor), "row_index": i}  # row_index: see row_name
+
+    def row_name(self, i: int) -> str:
+        """How a report names row i: its id (the JSONL's `id`, else `<file stem>-<line>`)."""
+        return str(self.encoded[i]["id"])
 
 
 def _to_stderr(message: str) -> None:

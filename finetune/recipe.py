@@ -81,7 +81,7 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     from finetune.targets import resolve_modules_to_save, resolve_targets, trainable_counts
 
     from .callbacks import CheckpointCallback, EvalCallback, ExtraParamsCallback, ProgressLineCallback
-    from .data_building import SkipBadImages, build_datasets, processor_for_recipe
+    from .data_building import SkipBadImages, WithRowIndex, build_datasets, processor_for_recipe, row_namer
     from .fileio import write_atomic
     from .loading import build_meta_model, load_config_and_tokenizer, load_weights, resolve_dtype
     from .memory import plan_memory
@@ -211,8 +211,9 @@ def _train(cfg, out, resume, run_info, is_main, world, log, callbacks):
     )
     evaluator = EvalCallback(cfg, eval_ds, eval_convs, collator, out, log=log)
     progress = [] if tty or not is_main else [ProgressLineCallback(log=log)]
-    trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, data_collator=WithRowIndex(collator),
                              callbacks=[evaluator, *progress, *(callbacks or [])])
+    trainer.row_name, trainer.warn = row_namer(train_ds), log  # a skipped or diverged step names its rows
     trainer.skip_nonfinite = cfg.train.skip_nonfinite
     trainer.max_nonfinite_steps = cfg.train.max_nonfinite_steps
     trainer.skipped_images = skipped_images

@@ -7,6 +7,7 @@ do: stop a diverged run without saving it, and count the loss over labelled toke
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -80,25 +81,49 @@ class NonfiniteGuard(TrainerCallback):
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.flag: torch.Tensor | None = None  # device bool: a micro-batch of the pending step was non-finite
+        # Per micro-batch of the pending step: (device bool finite, dataset row indices or None). Read on the host
+        # only when the step turns out bad, to name its rows.
+        self.micro_batches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def _steps_inside_backward(self) -> bool:
         from accelerate.utils import DistributedType
 
         return self.trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def observe(self, loss: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def observe(self, loss: torch.Tensor, model: torch.nn.Module,
+                row_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, device bool: this micro-batch's loss is finite), without a host read.
 
         A non-finite loss is backpropagated as 0 (its step is dropped before the optimizer sees it anyway), so
-        that the Trainer's own loss bookkeeping stays finite.
+        that the Trainer's own loss bookkeeping stays finite. `row_index`: the dataset rows of the micro-batch
+        (`data_building.WithRowIndex`), kept to name them if the step is bad.
         """
         finite = torch.isfinite(loss.detach())
         self.flag = ~finite if self.flag is None else self.flag | ~finite
+        self.micro_batches.append((finite, row_index))
         if self._steps_inside_backward():
             if _read_flag(finite):
                 return loss, finite
             return guard_nonfinite(loss, [p for p in model.parameters() if p.requires_grad])[0], finite
         return torch.where(finite, loss, torch.zeros_like(loss)), finite
+
+    def bad_rows(self) -> str:
+        """Which rows a bad step held (host reads, on a bad step only): the micro-batches whose loss was
+        non-finite, or every row of the step when only a gradient was. '' when the data has no row names."""
+        name = getattr(self.trainer, "row_name", None)
+        if name is None or not self.micro_batches:
+            return ""
+        flags = torch.stack([finite.reshape(()) for finite, _ in self.micro_batches]).tolist()  # one read
+        batches = [(flags[k], [] if idx is None else idx.tolist()) for k, (_, idx) in enumerate(self.micro_batches)]
+        if not any(rows for _, rows in batches):
+            return ""
+        culprits = [k for k, (finite, _) in enumerate(batches) if not finite]
+        picked = culprits or range(len(batches))
+        ids = [name(i) for k in picked for i in batches[k][1]]
+        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+        where = (f"non-finite {self.trainer.loss_name} in micro-batch {', '.join(str(k + 1) for k in culprits)} of "
+                 f"{len(batches)}" if culprits else "finite losses but a non-finite gradient")
+        return f"{where}; rows: {shown}"
 
     def _step_is_bad(self) -> bool:
         trainer = self.trainer
@@ -119,19 +144,26 @@ class NonfiniteGuard(TrainerCallback):
         trainer = self.trainer
         bad = self._step_is_bad()
         trainer.after_step_check(bad)
+        rows = self.bad_rows() if bad else ""
+        self.micro_batches = []
         if not bad:
             trainer._nonfinite_run = 0
             return
         trainer.skipped += 1
         trainer._int_skipped += 1
         trainer._nonfinite_run += 1
+        rows_note = f" ({rows})" if rows else ""
         if not trainer.skip_nonfinite or trainer._nonfinite_run > trainer.max_nonfinite_steps:
             why = (f"train.max_nonfinite_steps={trainer.max_nonfinite_steps}" if trainer.skip_nonfinite
                    else "train.skip_nonfinite=false")
             raise DivergedError(
                 f"training diverged at step {state.global_step + 1}: {trainer._nonfinite_run} optimizer step(s) in a "
-                f"row had a non-finite {trainer.loss_name} or gradient ({why}); the optimizer did not apply it and "
-                f"no adapter was saved. {trainer.divergence_hint()}")
+                f"row had a non-finite {trainer.loss_name} or gradient ({why}){rows_note}; the optimizer did not "
+                f"apply it and no adapter was saved. {trainer.divergence_hint()}")
+        warn = getattr(trainer, "warn", None)
+        if warn is not None and state.is_world_process_zero:
+            warn(f"warning: step {state.global_step + 1} skipped, not applied: non-finite {trainer.loss_name} or "
+                 f"gradient{rows_note}")
         if self._steps_inside_backward():
             return  # DeepSpeed has stepped already, on the finite micro-batches only
         nan_for_scaler = getattr(trainer.accelerator, "scaler", None) is not None
@@ -186,7 +218,12 @@ class GuardedTrainer(Trainer):
     def after_step_check(self, bad: bool) -> None:
         """Called by the guard once per optimizer step, before a bad step is dropped (nothing to do for SFT)."""
 
+    # Set by the recipe: the name of dataset row i (for the guard's report of a bad step) and a warning printer.
+    row_name: Any = None
+    warn: Any = None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        row_index = inputs.pop("row_index", None)  # bookkeeping (data_building.WithRowIndex), not a model input
         if model.training:
             self.tokens_seen = self.tokens_seen + (inputs["attention_mask"] > 0).sum().detach()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -194,7 +231,7 @@ class GuardedTrainer(Trainer):
         loss = result[0] if return_outputs else result
         if model.training:  # device-side bookkeeping only: no host read per micro-batch
             raw = loss.detach().float()
-            loss, finite = self.nonfinite_guard.observe(loss, model)
+            loss, finite = self.nonfinite_guard.observe(loss, model, row_index)
             labelled = (inputs["labels"][:, 1:] != -100).sum().detach()
             scale = num_items_in_batch / self.accelerator.num_processes if num_items_in_batch is not None \
                 else labelled

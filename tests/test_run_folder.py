@@ -346,6 +346,19 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(task, tmp_p
     assert all(math.isfinite(h["loss"]) for h in lines)  # the step's finite micro-batches still make its loss
 
 
+def test_a_bad_step_names_its_rows(task, tmp_path, flag_reads):
+    """A skipped step is reported with the micro-batch whose loss was non-finite and the dataset row it held;
+    the extra host read happens on the bad step only (the per-step count stays one read per step)."""
+    out, probe, lines = tmp_path / "run", NanMicroBatch(4 + 2, flag_reads), []
+    train(_cfg(task, out, *GA4), callbacks=[probe], log=lines.append)
+    assert probe.reads_in_training == 3
+    (warning,) = [line for line in lines if "skipped, not applied" in line]
+    m = re.search(r"step 2 skipped.*non-finite loss in micro-batch 2 of 4; rows: (\S+)\)$", warning)
+    assert m, warning
+    ids = {json.loads(line).get("id") for line in open(task[1], encoding="utf-8")}
+    assert m.group(1) in ids  # a real row id of the training file, one row (batch size 1)
+
+
 def test_log_reports_finite_mean_only():
     from finetune.trainer import GuardedTrainer
 
