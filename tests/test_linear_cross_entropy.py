@@ -101,3 +101,13 @@ def test_model_uses_it_for_a_plain_head_and_not_for_a_wrapped_one(monkeypatch):
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
     wrapped(input_ids=ids, token_type_ids=tt, labels=labels)
     assert calls == [1]  # the LoRA-wrapped head runs its own forward (F.cross_entropy path)
+
+
+def test_a_label_outside_the_vocabulary_gives_nan_not_garbage():
+    """F.cross_entropy raises on such a label; here it must at least be loud: a NaN loss the guard will stop on,
+    and a backward that does not crash (the step is dropped anyway)."""
+    hidden = torch.randn(3, 8, requires_grad=True)
+    loss = lce.linear_cross_entropy(hidden, torch.randn(50, 8), torch.tensor([1, 50, 7]), 16)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert hidden.grad.shape == (3, 8)

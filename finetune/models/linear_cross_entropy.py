@@ -31,7 +31,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 ) -> torch.Tensor:
         n = hidden.shape[0]  # hidden (N, H), weight (V, H), labels (N,)
         rows = torch.arange(n, device=hidden.device)
-        target = torch.empty(n, dtype=torch.float32, device=hidden.device)  # the labelled logit per row
+        # The labelled logit per row; NaN until a chunk holds the label, so a label outside the vocabulary gives a
+        # NaN loss (the trainer's guard skips and names that step) rather than garbage or a device-side assert.
+        target = torch.full((n,), float("nan"), dtype=torch.float32, device=hidden.device)
         exps, maxes, sums = [], [], []
         for start in range(0, weight.shape[0], chunk):
             e = F.linear(hidden, weight[start : start + chunk]).float()  # (N, c) logits of this chunk
@@ -70,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden += (p @ w).float()
                 if grad_weight is not None:
                     grad_weight[rows] = (p.t() @ hidden.to(w.dtype)).float()
+        labels = labels.clamp(0, weight.shape[0] - 1)  # an out-of-vocabulary label made the loss NaN already
         grad_hidden.sub_(weight[labels].float())  # minus the one-hot part
         if grad_weight is not None:
             grad_weight.index_add_(0, labels, hidden.float(), alpha=-1.0)
