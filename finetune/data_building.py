@@ -44,19 +44,10 @@ class WithRowIndex:
     def __call__(self, items: list[Any]) -> dict[str, Any]:
         flat = [x for item in items for x in (item if isinstance(item, (list, tuple)) else [item])]
         index = [x.get("row_index") for x in flat if isinstance(x, dict)]
-        batch = self.collator([strip_row_index(item) for item in items])
+        batch = self.collator(items)  # the collator reads only the example fields, not row_index
         if index and all(i is not None for i in index):
             batch["row_index"] = torch.tensor(index, dtype=torch.long)  # (N,)
         return batch
-
-
-def strip_row_index(item: Any) -> Any:
-    """The item without the `row_index` bookkeeping key (a packed list item by item)."""
-    if isinstance(item, (list, tuple)):
-        return [strip_row_index(x) for x in item]
-    if isinstance(item, dict) and "row_index" in item:
-        return {k: v for k, v in item.items() if k != "row_index"}
-    return item
 
 
 def row_namer(dataset: Any) -> Any:

@@ -21,7 +21,6 @@ _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 _CUDA_OVERHEAD_GIB = 0.8  # context, cuBLAS workspace, allocator slack at small batch
 # How several GPUs share the training state (finetune/distributed.py ships one accelerate config per engine).
 _ENGINES = ("none", "ddp", "zero2", "zero2-offload", "zero3", "zero3-offload", "fsdp", "fsdp-offload")
-_WRAP_UNITS = ("CogVLMDecoderLayer", "TransformerLayer")  # fallback when a model names no _no_split_modules
 
 
 @dataclass
@@ -210,7 +209,7 @@ def plan_memory(model, cfg, trainable_lora: int, trainable_full: int, dtype_name
 def _largest_unit_bytes(model, act: int, quant_bytes: float, quantized: set[str]) -> tuple[float, float]:
     """(largest FSDP/ZeRO-3 wrap unit: one decoder or vision layer, whole; lm_head + final norm) in bytes."""
     unit = 0.0
-    classes = getattr(model, "_no_split_modules", None) or _WRAP_UNITS  # what accelerate's auto-wrap splits on
+    classes = model._no_split_modules  # what accelerate's auto-wrap splits on (a PeftModel forwards it)
     for name, module in model.named_modules():
         if type(module).__name__ in classes:
             size = 0.0

@@ -506,18 +506,21 @@ def build_attention_mask(
     """
     total = past_len + q_len
     packed = is_packed(attention_mask)
-    if attention_mask is None or (not packed and bool(attention_mask.all())):
+    if attention_mask is not None and not packed:
+        if past_len == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # No padding, or right padding only (every training batch): a real query's causal past holds no
+            # padding, so plain causal SDPA gives the same outputs at real positions with no mask tensor (GPUs then
+            # run the flash kernel, which takes none; padded queries see earlier keys only, stay finite, unused).
+            return None, q_len > 1
+        if past_len > 0 and bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None:
         if past_len == 0:
             return None, q_len > 1
         if q_len == 1:
             return None, False
         attention_mask = torch.ones(1, total, dtype=torch.long, device=device)
     am = attention_mask.to(device)  # (B, T)
-    if past_len == 0 and not packed and q_len > 1 and bool((am[:, 1:] <= am[:, :-1]).all()):
-        # Right padding only (every training batch): a real query's causal past holds no padding, so plain causal
-        # SDPA gives the same outputs at real positions with no mask tensor (GPUs then run the flash kernel,
-        # which takes no mask; padded queries see earlier keys only and stay finite; their outputs are unused).
-        return None, True
     q_pos = torch.arange(past_len, total, device=device)  # (L,)
     k_pos = torch.arange(total, device=device)  # (T,)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & (am != 0)[:, None, :]  # (B, L, T)
